@@ -18,6 +18,7 @@ gradients back to their owners, DDP's gradient averaging yields exactly its grad
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,10 @@ def _gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """all_gather with gradient (torch.distributed.nn), concatenated along the batch axis."""
     if world_size == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        # torch 2.14 marks it deprecated in favour of a private API; it is the one with autograd.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
 
 
 @dataclass

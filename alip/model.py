@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
+
+class _RandomInitIsIntended(logging.Filter):
+    """open_clip warns on every random init; for pretraining that is the point, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_RandomInitIsIntended())
+
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
 
@@ -195,9 +205,10 @@ def _localise(uri: str) -> Path:
         return Path(uri)
     import pyarrow.fs as pafs
 
-    from alip.data.storage import resolve_filesystem  # data layer owns S3 settings (endpoint, creds)
+    from alip.data.storage import resolve  # the data layer owns S3 settings (endpoint, credentials)
 
-    fs, path = resolve_filesystem(uri)
+    loc = resolve(uri, must_exist=True)
+    fs, path = loc.fs, loc.path
     cache = Path(os.environ.get("ALIP_CACHE", Path(tempfile.gettempdir()) / "alip-cache"))
     local = cache / "models" / uri[len("s3://"):].strip("/").replace("/", "__")
     tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))

@@ -66,3 +66,35 @@ def classify(model, classifier: torch.Tensor, images: torch.Tensor) -> torch.Ten
     """Cosine-similarity logits [N, n_classes] (unscaled) of preprocessed images."""
     feats = model.encode_image(images.to(classifier.device), normalize=True).float()
     return feats @ classifier
+
+
+@torch.no_grad()
+def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1, top-5 (top-k capped at the class count) and mean per-class recall."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    top1 = (topk[:, 0] == labels).float()
+    recalls = [float(top1[labels == c].mean()) for c in labels.unique()]
+    return {"top1": float(top1.mean()), "top5": float((topk == labels[:, None]).any(1).float().mean()),
+            "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+@torch.no_grad()
+def evaluate_world_zeroshot(model, n: int = 300, seed: int = 0, tasks: Sequence[str] | None = None,
+                            batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Zero-shot on the built-in world's held-out splits (shape, colour, colour_shape, pattern)."""
+    from alip.data.world import WORLD_TASKS, world_eval_split
+    from alip.model import get_tokenizer, image_transform
+
+    model.eval()
+    tokenizer = get_tokenizer(model)
+    transform = image_transform(model, train=False)
+    results = {}
+    for task in tasks or sorted(WORLD_TASKS):
+        images, labels, classnames = world_eval_split(task, n=n, seed=seed, transform=transform)
+        classifier = build_classifier(model, tokenizer, classnames, "world")
+        logits = torch.cat([classify(model, classifier, images[i:i + batch_size])
+                            for i in range(0, len(images), batch_size)])
+        results[task] = zeroshot_metrics(logits, torch.as_tensor(labels))
+    return results

@@ -1,0 +1,34 @@
+# ALIP on Ray. Two commands do all set-up on a fresh machine:
+#   make demo   # the whole pipeline end to end on the built-in world (local Ray, local files)
+#   make test   # the test suite (slow end-to-end tests included, as in CI)
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# (Re)install whenever pyproject.toml changes; pins live there.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	$(PY) -m alip.demo
+
+test: setup
+	$(VENV)/bin/pytest -q --durations=15
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out runs .pytest_cache

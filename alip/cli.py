@@ -1,0 +1,89 @@
+"""`alip world|caption|pretrain|eval|serve|demo`: one command, the same functions the Ray jobs use.
+
+    alip world generate --out demo_out/world --n 8000 --noise 0.5 --seed 0
+    alip caption --help          # Ray Data captioning (ray_jobs/caption.py)
+    alip pretrain --help         # Ray Train pretraining (ray_jobs/pretrain.py)
+    alip eval --help             # evaluation suites (ray_jobs/evaluate.py)
+    alip serve --model runs/alip-tiny/export
+    alip demo                    # the whole pipeline on the built-in world (what `make demo` runs)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _world(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alip world", description="The built-in procedural image-text world.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="write N samples as Parquet shards (local dir or s3://)")
+    g.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    g.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
+    g.add_argument("--noise", type=float, default=0.5, help="fraction of raw texts unrelated to the image")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--shard-size", type=int, default=10_000)
+    g.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    args = p.parse_args(argv)
+    from alip.data.world import generate_world, world_summary_json
+
+    try:
+        summary = generate_world(args.out, args.n, noise=args.noise, seed=args.seed,
+                                 shard_size=args.shard_size, overwrite=args.overwrite)
+    except ValueError as e:
+        p.error(str(e))
+    print(world_summary_json(summary))
+    return 0
+
+
+def _caption(argv: list[str]) -> int:
+    from alip.caption_job import main
+
+    main(argv)
+    return 0
+
+
+def _pretrain(argv: list[str]) -> int:
+    from alip.pretrain.job import main
+
+    main(argv)
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from alip.eval.job import main
+
+    main(argv)
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from alip.serving.cli import main
+
+    main(argv)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from alip.demo import main
+
+    main(argv)
+    return 0
+
+
+COMMANDS = {"world": _world, "caption": _caption, "pretrain": _pretrain, "eval": _eval,
+            "serve": _serve, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nalip: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    return COMMANDS[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
