@@ -50,10 +50,9 @@ def _pretrain(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from alip.eval.job import main
+    from alip.eval.runner import main
 
-    main(argv)
-    return 0
+    return main(argv)
 
 
 def _serve(argv: list[str]) -> int:

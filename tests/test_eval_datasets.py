@@ -1,0 +1,110 @@
+"""Registry and loaders: the paper's dataset lists, local layouts, and the missing-dataset error."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alip.eval.datasets import DatasetFormatError, DatasetNotFoundError, load_split
+from alip.eval.metrics import CLASSIFICATION_METRICS
+from alip.eval.registry import (LINEAR_PROBE_26, REGISTRY, SUITES, ZEROSHOT_11, UnknownDatasetError, expand_tasks,
+                                get_spec)
+from alip.eval.zeroshot import PROMPT_SETS
+
+
+def test_registry_matches_the_paper():
+    assert len(LINEAR_PROBE_26) == 26 and len(ZEROSHOT_11) == 11
+    assert LINEAR_PROBE_26[0] == "food101" and LINEAR_PROBE_26[-1] == "imagenet"  # Table 6 column order
+    metrics = {d: get_spec(d).metric for d in LINEAR_PROBE_26}
+    assert {d for d, m in metrics.items() if m == "mean_per_class"} == {"aircraft", "pets", "caltech101", "flowers"}
+    assert metrics["voc2007"] == "map11" and metrics["hateful_memes"] == "roc_auc"
+    assert metrics["kinetics700"] == "mean_top1_top5"
+    assert sum(m == "accuracy" for m in metrics.values()) == 19
+    assert all(m in CLASSIFICATION_METRICS for m in metrics.values())
+    for d in ZEROSHOT_11:  # every zero-shot set has its Table 4 prompt set
+        assert get_spec(d).prompt_set in PROMPT_SETS and "zeroshot" in get_spec(d).protocols
+    assert get_spec("world-shape").prompt_set == "world" in PROMPT_SETS
+    assert all(s.source for s in REGISTRY.values())
+
+
+def test_expand_tasks():
+    assert expand_tasks(["zeroshot-11"]) == [("zeroshot", d) for d in ZEROSHOT_11]
+    assert len(expand_tasks(["linear-probe-26", "linear_probe:cifar10"])) == 26  # duplicates dropped
+    assert expand_tasks(["cifar10"]) == [("linear_probe", "cifar10"), ("zeroshot", "cifar10")]
+    assert expand_tasks(["lp:Memes", "retrieval:coco"]) == [("linear_probe", "hateful_memes"), ("retrieval", "mscoco")]
+    assert ("retrieval", "world-retrieval") in expand_tasks(["world"])
+    assert set(SUITES) >= {"zeroshot-11", "linear-probe-26", "retrieval", "world"}
+    with pytest.raises(UnknownDatasetError, match="unknown dataset 'cifar11'.*Known"):
+        expand_tasks(["cifar11"])
+    with pytest.raises(UnknownDatasetError, match="does not support zeroshot"):
+        expand_tasks(["zeroshot:mnist"])
+    with pytest.raises(UnknownDatasetError, match="unknown protocol"):
+        expand_tasks(["finetune:mnist"])
+
+
+def test_missing_dataset_error_names_layout_and_source(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_split("pets", "test", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "pets" / "test") + "/<class>/<image>" in msg  # ImageFolder layout
+    assert str(tmp_path / "wds" / "vtab-pets") in msg and "nshards.txt" in msg  # CLIP_benchmark layout
+    assert "clip-benchmark/wds_vtab-pets" in msg and "OxfordIIITPet" in msg  # where to get it
+    assert "ALIP_EVAL_DATA" in msg
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(DatasetNotFoundError, match="dataset_coco.json"):
+        load_split("mscoco", "test", tmp_path)
+
+
+def test_data_root_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIP_EVAL_DATA", str(tmp_path / "from-env"))
+    with pytest.raises(DatasetNotFoundError, match="from-env"):
+        load_split("dtd", "test")
+
+
+def _png(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def test_imagefolder_layout_with_classnames_and_val_fallback(tmp_path):
+    for split in ("train", "val"):  # ImageNet-style: no test/, val is the test split
+        for c, folder in enumerate(["n01_tench", "n02_goldfish"]):
+            for i in range(3):
+                _png(tmp_path / "imagenet" / split / folder / f"{i}.png", (c * 100, 0, 0))
+    train = load_split("imagenet", "train", tmp_path)
+    assert train.classnames == ["n01 tench", "n02 goldfish"] and list(np.bincount(train.labels)) == [3, 3]
+    (tmp_path / "imagenet" / "classnames.txt").write_text("tench\ngoldfish\n")
+    test = load_split("imagenet", "test", tmp_path)
+    assert test.classnames == ["tench", "goldfish"] and test.layout.endswith("imagenet/val")
+    assert test.images[0].size == (8, 8) and test.images[5].getpixel((0, 0)) == (100, 0, 0)
+    (tmp_path / "imagenet" / "classnames.txt").write_text("tench\n")
+    with pytest.raises(DatasetFormatError, match="one name per folder"):
+        load_split("imagenet", "test", tmp_path)
+
+
+def test_karpathy_json_layout(tmp_path):
+    base = tmp_path / "flickr30k"
+    images = []
+    for i, split in enumerate(["train", "test", "test", "val"]):
+        _png(base / "flickr30k-images" / f"{i}.jpg", (i * 50, 0, 0))
+        images.append({"filename": f"{i}.jpg", "split": split,
+                       "sentences": [{"raw": f"caption {j} of image {i}"} for j in range(5)]})
+    (base / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    split = load_split("flickr30k", "test", tmp_path)
+    assert len(split) == 2 and split.captions[0][4] == "caption 4 of image 1"
+    texts, owners = split.texts_and_owners
+    assert len(texts) == 10 and list(owners) == [0] * 5 + [1] * 5
+    (base / "flickr30k-images" / "2.jpg").unlink()
+    with pytest.raises(DatasetNotFoundError, match="2.jpg"):
+        load_split("flickr30k", "test", tmp_path)
+
+
+def test_world_splits_are_disjoint_and_sized():
+    train = load_split("world-pattern", "train", world_n=12)
+    test = load_split("world-pattern", "test", world_n=8)
+    assert len(train) == 12 and len(test) == 8 and train.classnames == test.classnames
+    assert not np.array_equal(np.asarray(train.images[0]), np.asarray(test.images[0]))
+    ret = load_split("world-retrieval", "test", world_n=5)
+    assert len(ret) == 5 and all(len(c) == 3 for c in ret.captions)
+    assert "background" in ret.captions[0][0] and "background" not in ret.captions[0][2]
