@@ -22,6 +22,7 @@ demo: setup
 	$(PY) -m alip.demo
 
 test: setup
+	@bash scripts/ensure_chromium.sh
 	$(VENV)/bin/pytest -q --durations=15
 
 test-fast: setup

@@ -56,9 +56,20 @@ def _eval(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    from alip.serving.cli import main
+    p = argparse.ArgumentParser(prog="alip serve", description="Serve an exported ALIP/open_clip model "
+                                "over HTTP (Ray Serve + FastAPI) on a local Ray; Ctrl-C stops it.")
+    p.add_argument("--model", required=True, help="export dir (local or s3://) or an open_clip config name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: autoscale 1-4)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica")
+    args = p.parse_args(argv)
+    from alip.serving import run_local
 
-    main(argv)
+    try:
+        run_local(args.model, host=args.host, port=args.port, num_replicas=args.replicas, num_cpus=args.num_cpus)
+    except ValueError as e:
+        p.error(str(e))
     return 0
 
 

@@ -1,0 +1,42 @@
+"""The HTTP service around an exported ALIP / open_clip model, without Ray.
+
+    config.py      ServeConfig: limits, batching, cache, auth (typed, validated)
+    inputs.py      client input -> model input; every mistake a ClientError with its 4xx status
+    middleware.py  ASGI body-size limit (declared and chunked) and bearer-token auth
+    cache.py       async LRU of class text features keyed by (labels, templates)
+    encoder.py     Encoder (model + preprocessing) and LocalBackend (no cross-request batching)
+    schemas.py     pydantic request/response models = the OpenAPI schema
+    api.py         create_app(backend, config, page_html): the FastAPI routes
+
+serve/app.py wraps `create_app` in a Ray Serve deployment whose backend batches across requests.
+"""
+from alip.serving.config import TOKEN_ENV, ServeConfig, ServeConfigError
+from alip.serving.inputs import ClientError
+
+__all__ = ["TOKEN_ENV", "ServeConfig", "ServeConfigError", "ClientError", "create_app", "build_local_app", "run_local"]
+
+
+def __getattr__(name):  # keep `import alip.serving` light: FastAPI/torch load on first use
+    if name in ("create_app", "build_local_app"):
+        from alip.serving import api
+        return getattr(api, name)
+    raise AttributeError(name)
+
+
+def run_local(model: str, host: str = "127.0.0.1", port: int = 8000, settings: dict | None = None,
+              num_replicas: int | None = None, num_cpus: int | None = None) -> None:
+    """`alip serve --model ...`: start Ray + Serve with serve/app.py of this checkout; blocks until
+    Ctrl-C. `settings` are ServeConfig fields; `num_replicas=None` means autoscaling (1-4)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "serve" / "app.py").is_file():
+        raise ServeConfigError(f"serve/app.py not found in {root}: `alip serve` runs from a checkout of the "
+                               "repository (pip install -e .), where the Serve application lives")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from serve.app import run_local as _run
+
+    ServeConfig.from_dict(settings)  # a typo in a setting fails here, before Ray starts
+    _run(model, host=host, port=port, settings=settings, num_replicas=num_replicas, num_cpus=num_cpus)

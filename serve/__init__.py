@@ -1,0 +1,1 @@
+"""Ray Serve application of the ALIP HTTP API (see serve/app.py and serve/config.yaml)."""
