@@ -152,6 +152,24 @@ def wait_for_step(metrics_file: Path, step: int, proc, timeout=900):
     raise TimeoutError(f"step {step} not reached")
 
 
+def wait_for_registered_checkpoint(run_dir: Path, proc, timeout=900) -> int:
+    """Step of the latest checkpoint Ray Train has *registered* (its manager snapshot). A checkpoint
+    uploaded seconds before a crash but not yet registered by the controller does not count."""
+    deadline = time.time() + timeout
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        if snapshot.exists():
+            try:
+                results = json.loads(snapshot.read_text())["checkpoint_results"]
+            except (ValueError, KeyError):
+                results = []
+            if results:
+                return max(r["metrics"]["step"] for r in results)
+        assert proc.poll() is None, "job ended before registering a checkpoint"
+        time.sleep(0.5)
+    raise TimeoutError("no checkpoint registered")
+
+
 def train_worker_pids():
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
@@ -162,7 +180,8 @@ def test_sigkill_a_training_worker_and_the_run_finishes(captioned, tmp_path):
     log = tmp_path / "job.log"
     proc = start_job(small_args(captioned, tmp_path, "kill", "--max-steps", "24", "--checkpoint-every", "6"), log)
     try:
-        wait_for_step(tmp_path / "kill" / "logs" / "metrics.jsonl", 9, proc)
+        registered = wait_for_registered_checkpoint(tmp_path / "kill", proc)
+        wait_for_step(tmp_path / "kill" / "logs" / "metrics.jsonl", registered + 2, proc)
         pids = train_worker_pids()
         assert len(pids) >= 2, pids
         os.kill(pids[-1], signal.SIGKILL)
@@ -171,7 +190,8 @@ def test_sigkill_a_training_worker_and_the_run_finishes(captioned, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert "resumed from checkpoint at step" in text, text[-3000:]
+    assert f"resumed from checkpoint at step {registered}/24" in text, text[-3000:]
+    assert text.count("step 1/24 ") == 1  # it continued, it did not start over
     summary = json.loads((tmp_path / "kill" / "summary.json").read_text())
     assert summary["final_step"] == 24
     steps = [json.loads(x)["step"] for x in (tmp_path / "kill" / "metrics.jsonl").read_text().splitlines()]
@@ -183,21 +203,22 @@ def test_killed_run_resumes_when_rerun(captioned, tmp_path):
     args = small_args(captioned, tmp_path, "resume", "--max-steps", "20", "--checkpoint-every", "5")
     proc = start_job(args, tmp_path / "first.log")
     try:
-        wait_for_step(tmp_path / "resume" / "logs" / "metrics.jsonl", 12, proc)
+        registered = wait_for_registered_checkpoint(tmp_path / "resume", proc)
+        wait_for_step(tmp_path / "resume" / "logs" / "metrics.jsonl", registered + 2, proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver, local Ray and workers
         proc.wait()
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    checkpoints = sorted((tmp_path / "resume").glob("checkpoint_*"))
-    assert checkpoints, "no checkpoint was written before the kill"
-    saved = torch.load(checkpoints[-1] / "trainer.pt", weights_only=False)
-    assert saved["step"] in (10, 15)
+    snapshot = json.loads((tmp_path / "resume" / "checkpoint_manager_snapshot.json").read_text())
+    latest = max(snapshot["checkpoint_results"], key=lambda r: r["metrics"]["step"])
+    saved = torch.load(tmp_path / "resume" / latest["checkpoint_dir_name"] / "trainer.pt", weights_only=False)
+    assert saved["step"] >= registered and saved["step"] % 5 == 0
 
     proc = start_job(args, tmp_path / "second.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
     text = (tmp_path / "second.log").read_text()
     assert f"resumed from checkpoint at step {saved['step']}/20 (gate state {saved['gate_state']})" in text
-    assert "step 1/20" not in text  # it did not start over
+    assert "step 1/20 " not in text  # it did not start over
     summary = json.loads((tmp_path / "resume" / "summary.json").read_text())
     assert summary["final_step"] == 20
     assert Path(summary["plot"]).is_file() and (tmp_path / "resume" / "export" / "open_clip_model.safetensors").is_file()
