@@ -36,10 +36,9 @@ def _world(argv: list[str]) -> int:
 
 
 def _caption(argv: list[str]) -> int:
-    from alip.caption_job import main
+    from alip.captioning import main
 
-    main(argv)
-    return 0
+    return main(argv)
 
 
 def _pretrain(argv: list[str]) -> int:

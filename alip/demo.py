@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    from alip.caption_job import CaptionJobConfig, run_captioning
+    from alip.captioning import CaptionJobConfig, run_captioning
 
     print("\n=== 2/4 captioning with the built-in captioner (Ray Data) ===")
     caption_summary = run_captioning(CaptionJobConfig(input=str(world_dir), output=str(captioned_dir),
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Side by side.
     print("\n=== 4/4 zero-shot top-1 (%) on the built-in world's held-out splits ===")
     print(format_zeroshot_table({o: {t: v["top1"] for t, v in s["zeroshot"].items()} for o, s in summaries.items()}))
-    print(f"\ncaptioning: {caption_summary.get('captioned', '?')} captioned, "
-          f"{caption_summary.get('rejected', 0)} rejected, captioner {caption_summary.get('captioner', '?')}")
+    print(f"\ncaptioning: {caption_summary['output_rows']} captioned, {caption_summary['rejected_rows']} rejected, "
+          f"captioner {caption_summary['captioner']}")
     for o, s in summaries.items():
         print(f"{o}: {s['final_step']} steps in {s['seconds']}s | plot {s.get('plot')} | export {s.get('export')}")
     print(f"total {time.perf_counter() - t_start:.0f}s. Serve the ALIP model with:\n"
