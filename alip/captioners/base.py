@@ -1,0 +1,204 @@
+"""The captioner protocol, its typed config, spec parsing and caption cleaning.
+
+A captioner turns a batch of PIL images into one string each and names itself. The name is
+what the caption job writes into the dataset's ``captioner`` column, so it identifies both
+the model and the generation settings: two runs with the same name must be comparable.
+
+Captioners are built in the process that uses them (a Ray actor in the caption job), so a
+:class:`CaptionerConfig` is small and picklable and the weights are loaded in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from PIL import Image
+
+#: Where the built-in captioner (a tiny BLIP trained on the built-in world) is shipped.
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin_model"
+
+Backend = Literal["hf", "ofa"]
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+class CaptionerError(ValueError):
+    """A captioner spec or config is invalid, or its model cannot be loaded."""
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Anything that captions a batch of images."""
+
+    name: str
+
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        """One cleaned caption per image, in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """Everything needed to build a captioner; small and picklable (weights load in the actor).
+
+    ``model`` is a hub id, a local directory or an ``s3://`` directory (hf backend), or a
+    local/S3 directory holding an OFA checkpoint (ofa backend). Generation settings follow
+    the transformers names; ``max_new_tokens``/``min_new_tokens`` count generated tokens
+    only (the prompt is not included).
+    """
+
+    backend: Backend
+    model: str
+    device: str = "cpu"
+    dtype: str | None = None  # "fp32" | "fp16" | "bf16"; None = fp32
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    prompt: str | None = None  # fed to the model and stripped from its output
+    image_size: int | None = None  # override the processor's resize (square), None = keep
+    batch_size: int = 32  # images per forward pass inside caption()
+    label: str | None = None  # model part of `name`; None = `model`
+    ofa_python: str | None = None  # python of the OFA venv; None = $ALIP_OFA_PYTHON or .ofa-venv
+    extra: dict = field(default_factory=dict)  # passed to generate() as-is
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "ofa"):
+            raise CaptionerError(f"unknown captioner backend {self.backend!r}; use 'hf' or 'ofa'")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise CaptionerError("CaptionerConfig.model must be a non-empty hub id, directory or s3:// URI")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise CaptionerError(f"dtype must be one of {_DTYPES} or None, got {self.dtype!r}")
+        if not (isinstance(self.device, str) and (self.device == "cpu" or self.device.startswith("cuda"))):
+            raise CaptionerError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise CaptionerError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("min_new_tokens", "no_repeat_ngram_size"):
+            if int(getattr(self, name)) < 0:
+                raise CaptionerError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise CaptionerError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.image_size is not None and int(self.image_size) < 8:
+            raise CaptionerError(f"image_size must be >= 8 or None, got {self.image_size!r}")
+
+    def with_overrides(self, **overrides) -> "CaptionerConfig":
+        """A copy with some fields replaced; unknown names are a clear error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise CaptionerError(f"unknown captioner setting(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def name(self) -> str:
+        """``<model>[<generation settings>]``: the value of the dataset's ``captioner`` column."""
+        settings = [
+            f"beams={self.num_beams}",
+            f"max_new={self.max_new_tokens}",
+            f"min_new={self.min_new_tokens}",
+        ]
+        if self.no_repeat_ngram_size:
+            settings.append(f"no_repeat_ngram={self.no_repeat_ngram_size}")
+        if self.image_size:
+            settings.append(f"size={self.image_size}")
+        if self.prompt:
+            settings.append(f"prompt={self.prompt!r}")
+        for key in sorted(self.extra):
+            settings.append(f"{key}={self.extra[key]!r}")
+        return f"{self.label or self.model}[{','.join(settings)}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: published generation settings of the captioners we know.
+
+#: BLIP CapFilt-L as used to caption web data: 384 px, beam 3, 5..20 tokens, "a picture of ".
+BLIP_LARGE = CaptionerConfig(
+    backend="hf",
+    model="Salesforce/blip-image-captioning-large",
+    image_size=384,
+    num_beams=3,
+    min_new_tokens=5,
+    max_new_tokens=20,
+    prompt="a picture of ",
+)
+
+#: The paper's OFA settings (ALIP supplement): prompt, beam 5, 16 tokens, no 3-gram repeats, 480 px.
+OFA_DEFAULTS = dict(
+    num_beams=5,
+    max_new_tokens=16,
+    min_new_tokens=1,
+    no_repeat_ngram_size=3,
+    image_size=480,
+    prompt=" what does the image describe?",
+)
+
+
+def builtin_config() -> CaptionerConfig:
+    """The shipped tiny BLIP trained on the built-in world (see scripts/train_builtin_captioner.py).
+
+    Its name carries a short hash of the weights, so captions made by a retrained model are
+    distinguishable in the ``captioner`` column.
+    """
+    weights = BUILTIN_MODEL_DIR / "model.safetensors"
+    if not weights.exists():
+        raise CaptionerError(
+            f"the built-in captioner is missing ({weights} not found); regenerate it with "
+            "`.venv/bin/python scripts/train_builtin_captioner.py` or reinstall the package"
+        )
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    return CaptionerConfig(
+        backend="hf", model=str(BUILTIN_MODEL_DIR), label=f"builtin@{digest}", num_beams=3, max_new_tokens=24
+    )
+
+
+PRESETS = {"builtin": builtin_config, "blip-large": lambda: BLIP_LARGE}
+
+
+def parse_spec(spec: str) -> CaptionerConfig:
+    """Turn a spec string into a config.
+
+    Specs: ``builtin``, ``blip-large``, ``hf:<hub-id | local dir | s3://dir>``, ``ofa:<dir | s3://dir>``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise CaptionerError(f"captioner spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    backend, sep, target = spec.partition(":")
+    if sep and backend in ("hf", "ofa"):
+        if not target.strip():
+            raise CaptionerError(f"captioner spec {spec!r} names no model; use '{backend}:<hub id or directory>'")
+        if backend == "hf":
+            return CaptionerConfig(backend="hf", model=target.strip())
+        return CaptionerConfig(backend="ofa", model=target.strip(), **OFA_DEFAULTS)
+    raise CaptionerError(
+        f"unknown captioner spec {spec!r}. Use one of: 'builtin', 'blip-large', "
+        "'hf:<hub id | local dir | s3://dir>', 'ofa:<dir | s3://dir>'"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output cleaning shared by the backends.
+
+_WS = re.compile(r"\s+")
+
+
+def clean_caption(text: str, prompt: str | None = None) -> str:
+    """Strip, collapse whitespace and drop a leading copy of the prompt (case-insensitive).
+
+    Decoder-only captioners (BLIP's text decoder, GIT) return the prompt tokens followed by
+    the continuation; tokenizers may change case and spacing, so compare normalised forms.
+    """
+    text = _WS.sub(" ", text).strip()
+    if prompt:
+        p = _WS.sub(" ", prompt).strip()
+        if p and text.lower().startswith(p.lower()):
+            text = text[len(p):].strip()
+    return text
