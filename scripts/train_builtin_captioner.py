@@ -1,7 +1,8 @@
 """Train the built-in captioner: a tiny BLIP (BlipForConditionalGeneration) for the built-in world.
 
 The shipped model in alip/captioners/builtin_model/ was produced by exactly this command
-(seed 1234, world seed 4242; ~10 min on the project's 2-core CPU):
+(seed 1234, world seed 4242, 40k scenes x 4 epochs = 2500 steps; 18 min of training + ~1 min
+of data on the project's 2-core CPU with one torch thread):
 
     .venv/bin/python scripts/train_builtin_captioner.py --out alip/captioners/builtin_model --seed 1234
 
@@ -11,11 +12,13 @@ background -- from the world's clean descriptions *without* the fill pattern
 the pattern. That is the point of the built-in world: the caption is reliable but
 incomplete, the raw alt-text is informative but noisy.
 
-The model is saved with ``save_pretrained`` (fp16 safetensors, ~3 MB) together with its
+The model is saved with ``save_pretrained`` (fp16 safetensors, 1.4 MB in all) together with its
 BlipProcessor and a word-level tokenizer built from the world's vocabulary, and loads
 through the ordinary ``hf`` backend (spec ``builtin``). At the end the script captions
 held-out world scenes (another world seed) through that same backend and prints the
-shape+colour accuracy per object, which tests/test_captioners_builtin.py re-measures.
+shape+colour accuracy per object, which tests/test_captioners_builtin.py re-measures
+(shipped model: 75.6% of all objects / 84.0% of main objects on seed 9001; the loss was still
+falling, so more steps -- e.g. ``--epochs 8`` -- should raise it).
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def train(cfg: TrainConfig) -> dict:
     score = evaluate_on_world(captioner, n=cfg.eval_n, seed=cfg.eval_seed)
     meta["heldout"] = {"world_seed": cfg.eval_seed, "scenes": score.scenes, "objects": score.objects,
                        "shape_colour_accuracy": round(score.shape_colour_accuracy, 4),
+                       "main_shape_colour_accuracy": round(score.main_shape_colour_accuracy, 4),
                        "main_object_full_accuracy": round(score.main_object_full_accuracy, 4),
                        "pattern_mentions": score.pattern_mentions}
     with open(os.path.join(cfg.out, "alip_training.json"), "w") as f:
