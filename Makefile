@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench ofa-env clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ bench: setup
 	$(PY) bench/bench_caption.py --n 2000 --rounds 2
 	$(PY) bench/bench_serve.py --requests 6
 	$(PY) bench/bench_learning.py
+
+# The isolated OFA environment (transformers 4.x + ModelScope); the OFA test builds it when missing.
+ofa-env:
+	bash scripts/setup_ofa_env.sh
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache
