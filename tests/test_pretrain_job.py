@@ -170,9 +170,29 @@ def wait_for_registered_checkpoint(run_dir: Path, proc, timeout=900) -> int:
     raise TimeoutError("no checkpoint registered")
 
 
-def train_worker_pids():
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, command) of the live processes in session `sid`: the job was started with
+    start_new_session, and its local Ray (raylet, workers) stays in that session. Scoping by
+    session keeps these tests away from any other Ray running on the machine."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    procs = []
+    for line in out.splitlines():
+        pid, proc_sid, stat, args = (line.split(None, 3) + [""])[:4]
+        if int(proc_sid) == sid and not stat.startswith("Z"):
+            procs.append((int(pid), args))
+    return procs
+
+
+def train_worker_pids(sid: int) -> list[int]:
+    return [pid for pid, args in session_processes(sid) if "RayTrainWorker" in args]
+
+
+def kill_session(sid: int) -> None:
+    for pid, _ in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
@@ -182,13 +202,12 @@ def test_sigkill_a_training_worker_and_the_run_finishes(captioned, tmp_path):
     try:
         registered = wait_for_registered_checkpoint(tmp_path / "kill", proc)
         wait_for_step(tmp_path / "kill" / "logs" / "metrics.jsonl", registered + 2, proc)
-        pids = train_worker_pids()
+        pids = train_worker_pids(proc.pid)
         assert len(pids) >= 2, pids
         os.kill(pids[-1], signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
     text = log.read_text()
     assert f"resumed from checkpoint at step {registered}/24" in text, text[-3000:]
     assert text.count("step 1/24 ") == 1  # it continued, it did not start over
@@ -206,16 +225,18 @@ def test_killed_run_resumes_when_rerun(captioned, tmp_path):
         registered = wait_for_registered_checkpoint(tmp_path / "resume", proc)
         wait_for_step(tmp_path / "resume" / "logs" / "metrics.jsonl", registered + 2, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver, local Ray and workers
+        kill_session(proc.pid)  # the whole run: driver, its local Ray and the workers
         proc.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     snapshot = json.loads((tmp_path / "resume" / "checkpoint_manager_snapshot.json").read_text())
     latest = max(snapshot["checkpoint_results"], key=lambda r: r["metrics"]["step"])
     saved = torch.load(tmp_path / "resume" / latest["checkpoint_dir_name"] / "trainer.pt", weights_only=False)
     assert saved["step"] >= registered and saved["step"] % 5 == 0
 
     proc = start_job(args, tmp_path / "second.log")
-    assert proc.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    try:
+        assert proc.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        kill_session(proc.pid)
     text = (tmp_path / "second.log").read_text()
     assert f"resumed from checkpoint at step {saved['step']}/20 (gate state {saved['gate_state']})" in text
     assert "step 1/20 " not in text  # it did not start over
