@@ -27,11 +27,11 @@ from alip.model import create_model, get_tokenizer, image_transform
 from alip.training import ALIPTrainer, TrainConfig
 
 
-def build_data(n: int, noise: float, seed: int, model_name: str):
+def build_data(n: int, noise: float, seed: int, model_name: str, captioner_spec: str = "builtin"):
     t0 = time.perf_counter()
     table = world_table(n, noise=noise, seed=seed)
     images = [decode_image(b) for b in table.column("image").to_pylist()]
-    captioner = load_captioner("builtin")
+    captioner = load_captioner(captioner_spec)
     captions = []
     for i in range(0, n, 256):
         captions += captioner.caption(images[i:i + 256])
@@ -83,10 +83,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=600)
     ap.add_argument("--objectives", default="alip,clip,caption")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--captioner", default="builtin", help="captioner spec (alip.captioners.load_captioner)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    images, raw, cap = build_data(args.n, args.noise, args.seed, args.model)
+    images, raw, cap = build_data(args.n, args.noise, args.seed, args.model, args.captioner)
     results = {}
     for objective in args.objectives.split(","):
         results[objective] = train_one(objective, images, raw, cap, args)

@@ -31,7 +31,7 @@ def test_builtin_is_small_and_documented():
     assert size < 5e6, f"builtin model is {size / 1e6:.1f} MB"
     meta = json.loads((BUILTIN_MODEL_DIR / "alip_training.json").read_text())
     assert meta["train_config"]["world_seed"] != 9100
-    assert meta["heldout"]["shape_colour_accuracy"] >= 0.7 and meta["heldout"]["pattern_mentions"] == 0
+    assert meta["heldout"]["shape_colour_accuracy"] >= 0.8 and meta["heldout"]["pattern_mentions"] == 0
 
 
 def test_builtin_names_shape_and_colour_on_heldout_world(builtin):
@@ -41,10 +41,11 @@ def test_builtin_names_shape_and_colour_on_heldout_world(builtin):
           f"{score.objects} objects, {score.main_shape_colour_accuracy:.1%} of main objects; "
           f"full main-object phrase {score.main_object_full_accuracy:.1%}")
     assert score.objects > 200  # some scenes have two objects; both count
-    # Measured for the shipped model: 80.0% of all 260 objects, 87.5% of main objects. The brief's
-    # target is 90% of objects; the small (often half-hidden) second objects are the gap.
-    assert score.shape_colour_accuracy >= 0.75
-    assert score.main_shape_colour_accuracy >= 0.83
+    # Measured for the shipped model on these 200 scenes: 87.3% of all 260 objects, 94.0% of main
+    # objects (84.3% / 92.0% on 400 scenes). The brief's target is 90% of *all* objects: not met yet;
+    # every miss is the shape of a small object (see scripts/train_builtin_captioner.py).
+    assert score.shape_colour_accuracy >= 0.84
+    assert score.main_shape_colour_accuracy >= 0.90
     assert score.pattern_mentions == 0  # like a real captioner, it never describes the fill pattern
 
 
