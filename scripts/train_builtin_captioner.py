@@ -22,8 +22,9 @@ Shipped model, world seed 9001 (400 scenes): 82.9% of all 533 objects, 91.5% of 
 every miss is a wrong *shape* of a small object (the colour is always right). Variants measured on
 the same seed, all within 81-83% of objects: 40k scenes x 8 epochs 81.8%; vision width 128 x 4
 layers x 6 epochs 81.2%; this one (4x more distinct scenes) 82.9%. The plateau points at the 8 px
-patches (a small object spans 2-3 patches); --patch-size 4 is the next thing to try, but it costs
-6.5x per step (2.4 s vs 0.37 s on one thread, ~100 min for 4 epochs), so it was not run here.
+patches (a small object spans 2-3 patches). --patch-size 4 costs 6.5x per step (2.4 s vs 0.37 s on
+one thread); the one run that fitted (80k scenes x 1 epoch = 1250 steps, 57 min) reached only 61.9%,
+still undertrained. A 4 px run of >= 5000 steps (~3.5 h on one core, minutes on a GPU) is the next try.
 """
 
 from __future__ import annotations

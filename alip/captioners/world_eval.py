@@ -3,7 +3,8 @@
 A caption is credited for an object when it contains that object's "<colour> <shape>"
 phrase (the world's descriptions read "a large red circle on the left and a small blue
 square at the top ..."). Both objects of two-object scenes count in ``shape_colour_accuracy``;
-the second one is small and drawn *under* the main one, so it is often partly hidden.
+the second one is small and drawn *under* the main one (over the world's geometry, 5.5% of second
+objects are more than half hidden; most are fully visible).
 ``main_shape_colour_accuracy`` counts the labelled main object only. The pattern is ignored:
 a real captioner (and the built-in one) does not describe it.
 """
