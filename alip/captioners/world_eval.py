@@ -5,7 +5,8 @@ phrase (the world's descriptions read "a large red circle on the left and a smal
 square at the top ..."). Both objects of two-object scenes count in ``shape_colour_accuracy``;
 the second one is small and drawn *under* the main one (over the world's geometry, 5.5% of second
 objects are more than half hidden; most are fully visible).
-``main_shape_colour_accuracy`` counts the labelled main object only. The pattern is ignored:
+``main_shape_colour_accuracy`` counts the labelled main object only; ``object_count_accuracy``
+checks that a caption neither misses nor invents an object. The pattern is ignored:
 a real captioner (and the built-in one) does not describe it.
 """
 
@@ -27,6 +28,12 @@ class WorldCaptionScore:
     main_shape_colour_correct: int  # the scene's labelled (main, topmost) object only
     size_position_correct: int  # main object's "<size> <colour> <shape> <position phrase>"
     pattern_mentions: int  # captions that name a fill pattern (should be 0)
+    object_count_correct: int = 0  # captions naming exactly as many objects as the scene has
+
+    @property
+    def object_count_accuracy(self) -> float:
+        """Share of scenes described with the right number of objects (no missed or invented object)."""
+        return self.object_count_correct / max(1, self.scenes)
 
     @property
     def shape_colour_accuracy(self) -> float:
@@ -47,11 +54,13 @@ def _words(text: str) -> str:
 
 def score_captions(captions: Sequence[str], rows: Sequence[Mapping]) -> WorldCaptionScore:
     """Score captions against world label rows (dicts with shape/colour/... columns)."""
-    from alip.data.world import PATTERNS, describe
+    from alip.data.world import COLOURS, PATTERNS, SHAPES, SIZES, describe
 
     if len(captions) != len(rows):
         raise ValueError(f"{len(captions)} captions for {len(rows)} rows")
-    objects = correct = main_correct = full = patterns = 0
+    # An object phrase is "<size> <colour> <shape>" (a pattern word may sit before the shape).
+    object_phrase = re.compile(r"\b(?:%s) (?:%s) (?:\w+ )?(?:%s)\b" % ("|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES)))
+    objects = correct = main_correct = full = patterns = count_ok = 0
     pattern_words = [p for p in PATTERNS if p != "plain"] + ["plain"]
     for caption, row in zip(captions, rows):
         text = _words(caption)
@@ -66,7 +75,8 @@ def score_captions(captions: Sequence[str], rows: Sequence[Mapping]) -> WorldCap
         main = describe({k: row[k] for k in ("shape", "colour", "size", "position")}, include_background=False)
         full += _words(main) in text
         patterns += any(f" {p} " in text for p in pattern_words)
-    return WorldCaptionScore(objects, correct, len(rows), main_correct, full, patterns)
+        count_ok += len(object_phrase.findall(text)) == len(pairs)
+    return WorldCaptionScore(objects, correct, len(rows), main_correct, full, patterns, count_ok)
 
 
 def evaluate_on_world(captioner, n: int = 300, seed: int = 9001, batch_size: int = 100) -> WorldCaptionScore:

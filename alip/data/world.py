@@ -101,8 +101,11 @@ def _randint(rng: np.random.Generator, low: int, high: int) -> int:
 
 
 def sample_attrs(rng: np.random.Generator, fixed: Mapping[str, str] | None = None,
-                 n_objects: int | None = None) -> dict:
-    """Draw the attributes of one scene (main object first); ``fixed`` pins some of them."""
+                 n_objects: int | None = None, two_object_prob: float = TWO_OBJECT_PROB) -> dict:
+    """Draw the attributes of one scene (main object first); ``fixed`` pins some of them.
+
+    ``two_object_prob`` only exists so that the built-in captioner's training script can show
+    it more small second objects (its hardest case); datasets always use the default."""
     fixed = dict(fixed or {})
     attrs = {
         "shape": fixed.get("shape") or _pick(rng, SHAPES),
@@ -113,7 +116,7 @@ def sample_attrs(rng: np.random.Generator, fixed: Mapping[str, str] | None = Non
         "background": fixed.get("background") or _pick(rng, _BACKGROUND_NAMES),
     }
     if n_objects is None:
-        n_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
+        n_objects = 2 if rng.random() < two_object_prob else 1
     attrs["n_objects"] = n_objects
     attrs["second_shape"] = attrs["second_colour"] = attrs["second_position"] = None
     if n_objects == 2:
@@ -339,10 +342,10 @@ def world_key(seed: int, index: int) -> str:
     return f"{seed:04d}-{index:08d}"
 
 
-def world_sample(index: int, noise: float, seed: int) -> dict:
+def world_sample(index: int, noise: float, seed: int, two_object_prob: float = TWO_OBJECT_PROB) -> dict:
     """Sample ``index`` of the training world for ``seed`` (pure function of its arguments)."""
     rng = np.random.default_rng([TRAIN_STREAM, seed, index])
-    attrs = sample_attrs(rng)
+    attrs = sample_attrs(rng, two_object_prob=two_object_prob)
     pixels = render(attrs, rng)
     related = bool(rng.random() >= noise)
     if related:
@@ -356,9 +359,10 @@ def world_sample(index: int, noise: float, seed: int) -> dict:
     return row
 
 
-def world_table(n: int, noise: float = 0.3, seed: int = 0, start: int = 0) -> pa.Table:
+def world_table(n: int, noise: float = 0.3, seed: int = 0, start: int = 0,
+                two_object_prob: float = TWO_OBJECT_PROB) -> pa.Table:
     """Samples ``start .. start+n-1`` as an in-memory table in the dataset format (+ labels)."""
-    rows = [world_sample(i, noise, seed) for i in range(start, start + n)]
+    rows = [world_sample(i, noise, seed, two_object_prob) for i in range(start, start + n)]
     return pa.Table.from_pylist(rows, schema=WORLD_SCHEMA)
 
 
