@@ -18,8 +18,8 @@ Measured with the defaults (1 thread), zero-shot top-1 %, shape / colour / colou
 captioner candidate:
     seed 0: ALIP 27.2 / 100 / 23.2 / 25.8   CLIP 15.5 / 100 / 18.3 / 30.2   caption 22.2 / 99.5 / 14.3 / 22.8
     seed 1: ALIP 25.2 / 100 / 19.7 / 25.7   CLIP 16.5 / 100 / 15.5 / 55.7   caption 20.8 / 97.8 / 17.8 / 25.2
-ALIP beats CLIP on shape by 14.8 and 12.0 points (11.7, 8.7 with the older captioner); colour saturates for all. The pattern claim is
-not reproduced: ALIP stays at chance on pattern (caption-only too), CLIP learned it on seed 1.
+ALIP beats CLIP on shape by 14.8 and 12.0 points (11.7, 8.7 with the older captioner); colour
+saturates for all. The pattern claim is not reproduced: ALIP stays at chance on pattern (caption-only too), CLIP learned it on seed 1.
 """
 from __future__ import annotations
 

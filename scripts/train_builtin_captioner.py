@@ -122,10 +122,11 @@ def train(cfg: TrainConfig) -> dict:
         from transformers import BlipForConditionalGeneration
 
         trained = BlipForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
-        if missing or unexpected:
-            raise SystemExit(f"--init-from {cfg.init_from}: architecture differs (missing {missing}, "
-                             f"unexpected {unexpected}); pass the same model-size flags it was trained with")
+        try:  # strict: a missing, extra or differently shaped tensor means other model-size flags
+            model.load_state_dict(trained.state_dict())
+        except RuntimeError as err:
+            raise SystemExit(f"--init-from {cfg.init_from}: architecture differs; pass the same model-size "
+                             f"flags it was trained with ({str(err).splitlines()[0]})") from err
         print(f"[builtin] initialised from {cfg.init_from}", flush=True)
     pixels, texts = load_world(cfg)
     enc = tokenizer(texts, padding=True, return_tensors="pt")

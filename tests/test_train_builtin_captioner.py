@@ -49,3 +49,5 @@ def test_init_from_continues_from_the_saved_weights(trained, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(SystemExit, match="architecture differs"):
         script.main(["--out", str(tmp_path / "bad"), "--init-from", trained, *TINY, "--vision-layers", "2"])
+    with pytest.raises(SystemExit, match="architecture differs"):  # same keys, other tensor shapes
+        script.main(["--out", str(tmp_path / "bad"), "--init-from", trained, *TINY, "--text-hidden", "64"])
