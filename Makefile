@@ -31,6 +31,7 @@ test-fast: setup
 # Ratio benchmarks (minutes each on 2 CPUs; run on a quiet machine). See bench/*.py headers.
 bench: setup
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_caption.py --n 2000 --rounds 2
 	$(PY) bench/bench_serve.py --requests 6
 	$(PY) bench/bench_learning.py

@@ -1,11 +1,12 @@
 """`alip world|caption|pretrain|eval|serve|demo`: one command, the same functions the Ray jobs use.
 
-    alip world generate --out demo_out/world --n 8000 --noise 0.5 --seed 0
+    alip world generate --out data/world --n 256 --noise 0.5 --seed 0
     alip caption --help          # Ray Data captioning (ray_jobs/caption.py)
     alip pretrain --help         # Ray Train pretraining (ray_jobs/pretrain.py)
     alip eval --help             # evaluation suites (ray_jobs/evaluate.py)
     alip serve --model runs/alip-tiny/export
     alip demo                    # the whole pipeline on the built-in world (what `make demo` runs)
+    alip spot-watch              # on a cluster worker: EC2 spot notice -> drain this Ray node
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def _eval(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alip serve", description="Serve an exported ALIP/open_clip model "
                                 "over HTTP (Ray Serve + FastAPI) on a local Ray; Ctrl-C stops it.")
-    p.add_argument("--model", required=True, help="export dir (local or s3://) or an open_clip config name")
+    p.add_argument("--model", required=True, help="export dir (local or s3://), or random:<config> for "
+                   "randomly initialised weights (e.g. random:alip-tiny, a smoke test)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: autoscale 1-4)")
@@ -79,8 +81,14 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _spot_watch(argv: list[str]) -> int:
+    from alip.spot_watch import main
+
+    return main(argv)
+
+
 COMMANDS = {"world": _world, "caption": _caption, "pretrain": _pretrain, "eval": _eval,
-            "serve": _serve, "demo": _demo}
+            "serve": _serve, "demo": _demo, "spot-watch": _spot_watch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        from alip.ray_setup import init_local_ray
+
+        # Private, never whatever `ray start` or a crashed session left on this machine.
+        init_local_ray()
     from alip.captioning import CaptionJobConfig, run_captioning
 
     print("\n=== 2/4 captioning with the built-in captioner (Ray Data) ===")

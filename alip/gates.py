@@ -20,24 +20,38 @@ gradients, so everything here runs under no_grad and returns detached tensors.
 
 The caller is responsible for passing the *global* batch (see alip.loss.ALIPLoss, which gathers
 across ranks first): the momentum means must be identical on every rank.
+
+Nothing here synchronises with the host: the momentum means and the batch means are 0-d tensors on
+the embeddings' device (a `float()` per step would stall a GPU pipeline); they become Python floats
+only when a checkpoint is written (`GateState.to_dict`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 
-@dataclass
-class GateState:
-    """Momentum means of the three similarities. Start at 1.0 (the official initial value)."""
+Scalar = Union[float, torch.Tensor]  # a Python float, or a 0-d tensor on the training device
 
-    text_caption: float = 1.0
-    image_text: float = 1.0
-    image_caption: float = 1.0
+
+@dataclass(eq=False)
+class GateState:
+    """Momentum means of the three similarities. Start at 1.0 (the official initial value).
+
+    Fields are floats (fresh or loaded state) or 0-d device tensors (after a training step)."""
+
+    text_caption: Scalar = 1.0
+    image_text: Scalar = 1.0
+    image_caption: Scalar = 1.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain floats (a host sync when the fields are device tensors: call it at checkpoints only)."""
+        return {k: float(getattr(self, k)) for k in ("text_caption", "image_text", "image_caption")}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GateState) and self.to_dict() == other.to_dict()
 
     @classmethod
     def from_dict(cls, d: dict) -> "GateState":
@@ -50,10 +64,10 @@ class Gates:
     raw_pair_weight: torch.Tensor  # W_t, shape [N]
     caption_pair_weight: torch.Tensor  # W_c, shape [N]
     state: GateState  # the updated momentum means
-    # current-batch mean similarities, for metrics
-    similarity_text_caption: float
-    similarity_image_text: float
-    similarity_image_caption: float
+    # current-batch mean similarities (0-d tensors), for metrics
+    similarity_text_caption: torch.Tensor
+    similarity_image_text: torch.Tensor
+    similarity_image_caption: torch.Tensor
 
 
 def _check_triplet(image: torch.Tensor, raw: torch.Tensor, caption: torch.Tensor) -> None:
@@ -93,8 +107,9 @@ def consistency_gates(
     s_it = (image * raw).sum(dim=-1)
     s_ic = (image * caption).sum(dim=-1)
 
-    # Momentum means, updated before use (as in the official train loop).
-    mean_tc, mean_it, mean_ic = (float(s.mean()) for s in (s_tc, s_it, s_ic))
+    # Momentum means, updated before use (as in the official train loop). 0-d device tensors:
+    # no host synchronisation.
+    mean_tc, mean_it, mean_ic = (s.mean() for s in (s_tc, s_it, s_ic))
     new_state = GateState(
         text_caption=momentum * state.text_caption + (1.0 - momentum) * mean_tc,
         image_text=momentum * state.image_text + (1.0 - momentum) * mean_it,

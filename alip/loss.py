@@ -15,10 +15,20 @@ the gates on the *global* batch, and uses open_clip's `local_loss` trick: each r
 logits rows of its own samples against every column. The mean over ranks of the per-rank losses
 is exactly the single-process loss on the concatenated batch, and because the gather carries
 gradients back to their owners, DDP's gradient averaging yields exactly its gradient.
+
+Ranks may hold UNEQUAL shares of the global batch (alip.training.split_global_batch: G = 10 on 3
+ranks is 4 + 3 + 3), so that any worker count trains the same global batch. The shares are known
+from the config, so the gather needs no size exchange: each rank pads its features to the largest
+share, all_gather moves equal shapes, and the padding rows are dropped. Each rank's loss is its
+rows' SUM scaled by world_size / G, so the mean over ranks (what DDP's gradient averaging computes)
+is the mean over the G samples whatever the shares.
+
+Nothing in the forward synchronises with the host: every metric is a 0-d device tensor.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,21 +81,30 @@ def adaptive_contrastive_loss(
     return (per_sample * sample_weight.detach() * pair_weight.detach()).mean()
 
 
-def _gather(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """all_gather with gradient (torch.distributed.nn), concatenated along the batch axis."""
-    if world_size == 1:
+def _gather(x: torch.Tensor, shares: Sequence[int]) -> torch.Tensor:
+    """all_gather with gradient (torch.distributed.nn), concatenated along the batch axis.
+
+    `shares[r]` rows come from rank r. Unequal shares are padded to the largest one for the
+    collective and the padding is cut off again (its gradient is zero)."""
+    if len(shares) == 1:
         return x
+    largest = max(shares)
+    padded = F.pad(x, (0, 0, 0, largest - x.shape[0])) if x.shape[0] < largest else x
     with warnings.catch_warnings():
         # torch 2.14 marks it deprecated in favour of a private API; it is the one with autograd.
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+        parts = torch.distributed.nn.functional.all_gather(padded)
+    if all(s == largest for s in shares):
+        return torch.cat(parts, dim=0)
+    return torch.cat([part[:s] for part, s in zip(parts, shares)], dim=0)
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # this rank's share; DDP-averaged gradients of it = gradient of the global loss
     state: GateState
-    metrics: dict[str, float] = field(default_factory=dict)  # global-batch values, same on every rank
+    # Global-batch values, the same on every rank, as 0-d device tensors (fetch them when logging).
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ALIPLoss(torch.nn.Module):
@@ -98,18 +117,28 @@ class ALIPLoss(torch.nn.Module):
       alip_no_lcg  ALIP with W_s = 1
       alip_no_dcg  ALIP with W_t = W_c = 1
     All share this code path so that comparisons differ only in the weights.
+
+    `shares`: the number of samples each rank holds (alip.training.split_global_batch); None means
+    every rank holds as many as this one.
     """
 
     def __init__(self, objective: str = "alip", sharpness: float = 2.0, momentum: float = 0.99,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, shares: Sequence[int] | None = None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if shares is not None:
+            shares = [int(s) for s in shares]
+            if len(shares) != world_size or min(shares) < 1:
+                raise ValueError(f"shares must give every one of the {world_size} ranks >= 1 sample, got {shares}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.objective = objective
         self.sharpness = sharpness
         self.momentum = momentum
         self.rank = rank
         self.world_size = world_size
+        self.shares = shares
 
     @property
     def uses_raw(self) -> bool:
@@ -119,14 +148,16 @@ class ALIPLoss(torch.nn.Module):
     def uses_caption(self) -> bool:
         return self.objective != "clip"
 
-    def _check_local_sizes(self, n: int, device: torch.device) -> None:
-        if self.world_size == 1:
-            return
-        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world_size)]
-        dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
-        sizes = [int(s) for s in sizes]
-        if len(set(sizes)) != 1:
-            raise ValueError(f"every rank must hold the same number of samples; got per-rank sizes {sizes}")
+    def _shares(self, n: int) -> list[int]:
+        """Per-rank sample counts, checked against this rank's batch on the host (shapes are host
+        metadata: no device sync, and no per-step size exchange between ranks)."""
+        shares = self.shares if self.shares is not None else [n] * self.world_size
+        if n != shares[self.rank]:
+            raise ValueError(
+                f"rank {self.rank} holds {n} samples but its share of the global batch is "
+                f"{shares[self.rank]} (per-rank shares {shares}); every rank must pass exactly its share"
+            )
+        return shares
 
     def forward(
         self,
@@ -146,18 +177,20 @@ class ALIPLoss(torch.nn.Module):
             raise ValueError(f"objective {self.objective!r} needs raw-text embeddings")
         if self.uses_caption and caption is None:
             raise ValueError(f"objective {self.objective!r} needs caption embeddings")
-        self._check_local_sizes(n, image.device)
-        offset = self.rank * n
+        shares = self._shares(n)
+        offset = sum(shares[:self.rank])
+        # sum over this rank's rows * scale, averaged over ranks (by DDP or the all_reduce below),
+        # is the mean over the whole global batch.
+        scale = self.world_size / sum(shares)
 
-        all_image = _gather(image, self.world_size)
-        all_raw = _gather(raw, self.world_size) if raw is not None else None
-        all_caption = _gather(caption, self.world_size) if caption is not None else None
+        all_image = _gather(image, shares)
+        all_raw = _gather(raw, shares) if raw is not None else None
+        all_caption = _gather(caption, shares) if caption is not None else None
 
-        metrics: dict[str, float] = {"logit_scale": float(logit_scale.detach())}
+        metrics: dict[str, torch.Tensor] = {"logit_scale": logit_scale.detach().float()}
         new_state = state
         local = slice(offset, offset + n)
-        ones = torch.ones(n, device=image.device)
-        w_s = w_t = w_c = ones
+        w_s = w_t = w_c = None  # None = unit weights
         if all_raw is not None and all_caption is not None:
             gates = consistency_gates(all_image, all_raw, all_caption, state, self.sharpness, self.momentum)
             new_state = gates.state
@@ -165,16 +198,14 @@ class ALIPLoss(torch.nn.Module):
                 similarity_text_caption=gates.similarity_text_caption,
                 similarity_image_text=gates.similarity_image_text,
                 similarity_image_caption=gates.similarity_image_caption,
-                momentum_text_caption=new_state.text_caption,
-                momentum_image_text=new_state.image_text,
-                momentum_image_caption=new_state.image_caption,
-                mean_sample_weight=float(gates.sample_weight.mean()),
-                mean_raw_pair_weight=float(gates.raw_pair_weight.mean()),
-                mean_caption_pair_weight=float(gates.caption_pair_weight.mean()),
+                momentum_text_caption=_as_tensor(new_state.text_caption, image),
+                momentum_image_text=_as_tensor(new_state.image_text, image),
+                momentum_image_caption=_as_tensor(new_state.image_caption, image),
+                mean_sample_weight=gates.sample_weight.mean(),
+                mean_raw_pair_weight=gates.raw_pair_weight.mean(),
+                mean_caption_pair_weight=gates.caption_pair_weight.mean(),
                 # The supplement's A.3 statistic (27.6% of YFCC15M pairs).
-                fraction_caption_over_raw=float(
-                    (gates.caption_pair_weight > gates.raw_pair_weight).float().mean()
-                ),
+                fraction_caption_over_raw=(gates.caption_pair_weight > gates.raw_pair_weight).float().mean(),
             )
             if self.objective in ("alip", "alip_no_dcg"):
                 w_s = gates.sample_weight[local]
@@ -182,28 +213,33 @@ class ALIPLoss(torch.nn.Module):
                 w_t, w_c = gates.raw_pair_weight[local], gates.caption_pair_weight[local]
 
         total = image.new_zeros((), dtype=torch.float32)
-        loss_raw = loss_caption = None
-        if self.uses_raw:
-            per = _per_sample_infonce(image, raw, all_image, all_raw, logit_scale, offset)
-            loss_raw = (per * w_s * w_t).mean()
-            total = total + loss_raw
-        if self.uses_caption:
-            per = _per_sample_infonce(image, caption, all_image, all_caption, logit_scale, offset)
-            loss_caption = (per * w_s * w_c).mean()
-            total = total + loss_caption
+        # name -> this rank's scaled sum; mean over ranks = the global value
+        reported: dict[str, torch.Tensor] = {}
+        for path, text, all_text, w_pair in (("raw", raw, all_raw, w_t), ("caption", caption, all_caption, w_c)):
+            if not (self.uses_raw if path == "raw" else self.uses_caption):
+                continue
+            per = _per_sample_infonce(image, text, all_image, all_text, logit_scale, offset)
+            weighted = per
+            for w in (w_s, w_pair):
+                if w is not None:
+                    weighted = weighted * w
+            path_loss = weighted.sum() * scale
+            total = total + path_loss
+            reported[f"loss_{path}"] = path_loss.detach()
+            # The unweighted InfoNCE: the gate-weighted losses rise as the gates open, this one
+            # shows whether the model still learns.
+            reported[f"infonce_{path}"] = per.detach().sum() * scale
+        reported = {"loss": total.detach(), **reported}
 
-        # Report global values (mean over ranks == single-process value on the whole batch).
-        values = torch.stack([
-            total.detach(),
-            loss_raw.detach() if loss_raw is not None else total.new_tensor(float("nan")),
-            loss_caption.detach() if loss_caption is not None else total.new_tensor(float("nan")),
-        ])
+        # Report global values (mean over ranks == single-process value on the whole batch), in one
+        # collective and without leaving the device.
+        values = torch.stack(list(reported.values()))
         if self.world_size > 1:
             dist.all_reduce(values)
             values = values / self.world_size
-        metrics["loss"] = float(values[0])
-        if loss_raw is not None:
-            metrics["loss_raw"] = float(values[1])
-        if loss_caption is not None:
-            metrics["loss_caption"] = float(values[2])
+        metrics.update(zip(reported.keys(), values.unbind(0)))
         return LossOutput(loss=total, state=new_state, metrics=metrics)
+
+
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else like.new_tensor(float(value), dtype=torch.float32)

@@ -13,6 +13,7 @@ ALIP is pretraining, and nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,19 @@ class _RandomInitIsIntended(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-logging.getLogger().addFilter(_RandomInitIsIntended())
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """Silence open_clip's random-init warning for one create_model call only. open_clip logs it
+    with the module-level `logging.warning` (the root logger itself, not a named one), so the
+    filter sits on the root logger but only while our call runs: importing alip.model changes
+    no logging anywhere."""
+    flt = _RandomInitIsIntended()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
@@ -86,20 +99,54 @@ class ALIPModel(torch.nn.Module):
     def logit_scale(self) -> torch.nn.Parameter:
         return self.clip.logit_scale
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.clip.encode_image(images, normalize=normalize)
+    def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [N, 3, H, W] (0-255) -> float, normalised with the model's mean/std, on the
+        images' device; float images are taken as already normalised and returned unchanged.
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, trim: bool = True) -> torch.Tensor:
+        Shipping uint8 and normalising here moves 4x fewer bytes from the data workers and does the
+        arithmetic on the accelerator instead of the CPU."""
+        if images.dtype != torch.uint8:
+            return images
+        mean, std = self._mean_std(images.device)
+        return (images.float() / 255.0 - mean) / std
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_mean_std_cache", {})  # plain attribute: not a buffer/state
+        if device not in cache:
+            cfg = open_clip.get_model_preprocess_cfg(self.clip) or {}
+            mean = cfg.get("mean") or OPENAI_MEAN
+            std = cfg.get("std") or OPENAI_STD
+            cache[device] = (torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+                             torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        return cache[device]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_image(self.normalize_images(images), normalize=normalize)
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether encode_text can cut the padding (open_clip's causal tower with EOT pooling)."""
+        clip = self.clip
+        return getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, trim: bool = True,
+                    length: int | None = None) -> torch.Tensor:
         """open_clip's encode_text, computed only up to the longest EOT in the batch.
 
         Exact for open_clip's causal text tower with argmax (EOT) pooling: token k only attends to
         tokens <= k, and pooling reads the EOT position, so the padding after it is dead weight.
         Other towers (HF text models, non-causal) fall back to the untrimmed path.
+
+        `length`: the trim length if the caller already knows it (`eot_length` of the tokens while
+        they were still on the CPU); computing it here from device tokens costs a host sync.
+        Any length >= the longest EOT + 1 gives the same result.
         """
         clip = self.clip
-        if not trim or getattr(clip, "text_pool_type", None) != "argmax" or getattr(clip, "attn_mask", None) is None:
+        if not trim or not self.trims_text:
             return clip.encode_text(tokens, normalize=normalize)
-        length = int(tokens.argmax(dim=-1).max()) + 1
+        if length is None:
+            length = eot_length(tokens)
+        length = min(int(length), tokens.shape[1])
         tokens = tokens[:, :length]
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens).to(cast_dtype)
@@ -112,30 +159,93 @@ class ALIPModel(torch.nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, raw_tokens: torch.Tensor | None,
-                caption_tokens: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-        """Normalised embeddings of a triplet batch. Raw text and caption go through the shared text
-        encoder in ONE pass (batch 2N): one weight read and one kernel launch chain instead of two."""
+                caption_tokens: torch.Tensor | None, raw_length: int | None = None,
+                caption_length: int | None = None, text_passes: str = "auto") -> dict[str, torch.Tensor | None]:
+        """Normalised embeddings of a triplet batch (images uint8 or already-normalised float).
+
+        Raw text and caption share the text encoder. `text_passes` says how they are run:
+        "joint" = one pass of 2N texts trimmed to the longer of the two lengths (one weight read
+        and kernel chain), "split" = two passes each trimmed to its own length (fewer tokens when
+        a long alt-text would pad every short caption), "auto" = `plan_text_passes` decides from
+        the lengths. Pass the lengths (`eot_length` on the CPU tokens) to avoid a host sync."""
         n = images.shape[0]
         for name, tok in (("raw_tokens", raw_tokens), ("caption_tokens", caption_tokens)):
             if tok is not None and tok.shape[0] != n:
                 raise ValueError(f"{name} has {tok.shape[0]} rows but there are {n} images")
+        if text_passes not in TEXT_PASSES:
+            raise ValueError(f"text_passes must be one of {TEXT_PASSES}, got {text_passes!r}")
         image = self.encode_image(images)
         raw = caption = None
         if raw_tokens is not None and caption_tokens is not None:
-            both = self.encode_text(torch.cat([raw_tokens, caption_tokens], dim=0))
-            raw, caption = both[:n], both[n:]
+            if self.trims_text:
+                raw_length = eot_length(raw_tokens) if raw_length is None else raw_length
+                caption_length = eot_length(caption_tokens) if caption_length is None else caption_length
+            if text_passes == "auto":
+                text_passes = plan_text_passes(raw_length, caption_length) if self.trims_text else "joint"
+            if text_passes == "split":
+                raw = self.encode_text(raw_tokens, length=raw_length)
+                caption = self.encode_text(caption_tokens, length=caption_length)
+            else:
+                length = max(raw_length, caption_length) if self.trims_text else None
+                both = self.encode_text(torch.cat([raw_tokens, caption_tokens], dim=0), length=length)
+                raw, caption = both[:n], both[n:]
         elif raw_tokens is not None:
-            raw = self.encode_text(raw_tokens)
+            raw = self.encode_text(raw_tokens, length=raw_length)
         elif caption_tokens is not None:
-            caption = self.encode_text(caption_tokens)
+            caption = self.encode_text(caption_tokens, length=caption_length)
         return {"image": image, "raw": raw, "caption": caption, "logit_scale": self.clip.logit_scale.exp()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """open_clip's activation checkpointing of both towers' transformer blocks."""
+        self.clip.set_grad_checkpointing(enable)
+
+    def compile_towers(self, **kwargs) -> None:
+        """torch.compile the two towers in place (`nn.Module.compile`: parameter names and the
+        state dict stay the same, so checkpoints and exports are unaffected)."""
+        kwargs.setdefault("backend", COMPILE_BACKEND)
+        self.clip.visual.compile(**kwargs)
+        self.clip.transformer.compile(**kwargs)
+
+
+TEXT_PASSES = ("auto", "joint", "split")
+
+# torch.compile's backend for `compile_towers`. Inductor generates fused kernels (Triton on GPU,
+# C++ via the machine's compiler on CPU); tests swap in "aot_eager" (same tracing and autograd
+# capture, no code generation) because inductor needs minutes per graph on a 2-core CPU.
+COMPILE_BACKEND = "inductor"
+
+# Split raw text and captions into two trimmed passes when one joint pass would push at least this
+# factor more tokens through the text tower: 2 * max(Lr, Lc) / (Lr + Lc) >= SPLIT_MIN_TOKEN_RATIO.
+# Below it, the second pass's fixed costs (a second weight read, kernel launches) eat the saving.
+# A chosen threshold, not yet a measured one: bench/bench_train_step.py prints what a second pass
+# costs at equal lengths ("short: split / joint") and what splitting saves on long alt-texts.
+SPLIT_MIN_TOKEN_RATIO = 1.2
+
+
+def eot_length(tokens: torch.Tensor, multiple: int = 1) -> int:
+    """Trim length of a token batch: the longest EOT position + 1 (open_clip's EOT token has the
+    largest id, hence argmax), rounded up to `multiple`, at most the context length.
+    Call it on CPU tokens: on device tokens it is a host sync."""
+    if tokens.shape[0] == 0:
+        return 1
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    if multiple > 1:
+        length = -(-length // multiple) * multiple
+    return min(length, tokens.shape[1])
+
+
+def plan_text_passes(raw_length: int, caption_length: int) -> str:
+    """'split' when a joint pass would waste enough padded tokens (see SPLIT_MIN_TOKEN_RATIO)."""
+    joint_tokens = 2 * max(raw_length, caption_length)
+    return "split" if joint_tokens >= SPLIT_MIN_TOKEN_RATIO * (raw_length + caption_length) else "joint"
 
 
 def create_model(model_name: str = "alip-tiny", device: str | torch.device = "cpu",
                  init_temperature: float = 0.07) -> ALIPModel:
     """A randomly initialised ALIP model of an open_clip architecture (no download)."""
     cfg = model_config(model_name)
-    clip = open_clip.create_model(model_name, pretrained=None, device=device)
+    with _quiet_random_init_warning():
+        clip = open_clip.create_model(model_name, pretrained=None, device=device)
     with torch.no_grad():
         clip.logit_scale.fill_(torch.log(torch.tensor(1.0 / init_temperature)).item())
     return ALIPModel(clip, model_name, cfg)
@@ -222,17 +332,31 @@ def _localise(uri: str) -> Path:
     return local
 
 
-def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> ALIPModel:
-    """Load an exported model dir (local or s3://) or create a random model from a config name."""
+RANDOM_PREFIX = "random:"
+
+
+def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cpu", *,
+               random_init: bool = False) -> ALIPModel:
+    """Load an exported model dir (local or s3://, optionally ``local-dir:``-prefixed).
+
+    A randomly initialised model only when asked for: ``random:<config>`` (e.g.
+    ``random:alip-tiny``, a baseline or smoke test) or ``random_init=True`` with a config name.
+    A missing path is always an error, even when it happens to match a config name."""
     ref = str(path_or_name)
+    if ref.startswith(RANDOM_PREFIX) or random_init:
+        name = ref[len(RANDOM_PREFIX):] if ref.startswith(RANDOM_PREFIX) else ref
+        if open_clip.get_model_config(name) is None:
+            raise ModelLoadError(f"random init asked for {name!r}, which is not a known model config "
+                                 f"(e.g. alip-tiny, alip-micro, ViT-B-32, ViT-B-16)")
+        return create_model(name, device=device)
     if ref.startswith("local-dir:"):
         ref = ref[len("local-dir:"):]
     if not ref.startswith("s3://") and not Path(ref).exists():
-        if open_clip.get_model_config(ref) is not None:
-            return create_model(ref, device=device)
+        hint = (f"; {ref!r} is a model config name: for a randomly initialised model pass "
+                f"{RANDOM_PREFIX}{ref}" if open_clip.get_model_config(ref) is not None else "")
         raise ModelLoadError(
-            f"model {ref!r} is neither an existing export directory nor a known config name "
-            f"(expected a folder with {EXPORT_CONFIG} + {EXPORT_WEIGHTS}, e.g. from `alip pretrain`)"
+            f"model {ref!r} does not exist (expected an export folder with {EXPORT_CONFIG} + "
+            f"{EXPORT_WEIGHTS}, e.g. from `alip pretrain`, local or s3://){hint}"
         )
     local = _localise(ref)
     cfg_path = local / EXPORT_CONFIG

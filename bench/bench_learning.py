@@ -72,7 +72,7 @@ def train_one(objective: str, images, raw, cap, args) -> dict:
         pos += args.batch
         torch.manual_seed(args.seed * 100_003 + step)  # same augmentation draws for every objective
         batch = torch.stack([transform(images[i]) for i in idx])
-        last = trainer.train_step(batch, raw[idx], cap[idx]).metrics
+        last = trainer.train_step(batch, raw[idx], cap[idx]).host_metrics()
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  {objective:8s} step {step + 1}/{args.steps} loss {last['loss']:.3f} "
                   f"W_c>W_t {last.get('fraction_caption_over_raw', float('nan')):.2f} "

@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
     ap.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched deployment")
-    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs given to Ray (one per variant replica)")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private local Ray (one per variant replica)")
     ap.add_argument("--image-size", type=int, default=256, help="side of the JPEGs the clients send")
     ap.add_argument("--model-seconds", type=float, default=10.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "serve.json"))
@@ -130,6 +130,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from alip.ray_setup import init_local_ray
     from serve import app as serve_app
 
     torch.manual_seed(0)
@@ -142,8 +143,9 @@ def main() -> None:
         export = str(export_open_clip(model, Path(tmp) / "export"))
         port = _free_port()
         env = serve_app._worker_env()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 logging_level="WARNING", log_to_driver=False)
+        # address="local": a private Ray, even when /tmp/ray/ray_current_cluster is left from a
+        # crashed session or another `ray start` cluster runs on this machine
+        init_local_ray(args.num_cpus, runtime_env={"env_vars": env}, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             # Both variants live side by side (same export, one 1-CPU replica each) and take turns,

@@ -4,6 +4,19 @@ Run it
   * Python / `alip serve`:  serve.app.run_local("runs/tiny/export", host="127.0.0.1", port=8000)
   * Serve CLI:              serve run serve/config.yaml        (or: serve deploy serve/config.yaml)
   * import path:            serve run serve.app:app_builder model=runs/tiny/export
+The model: the `model` argument, else $ALIP_SERVE_MODEL, else the demo's export
+(demo_out/runs/demo-alip/export, as `make demo` writes it); a relative path is looked up in the
+current directory, then in this checkout. A missing model is a clear error, before any replica starts.
+
+Holding under overload and abuse (Ray Serve 2.60 semantics, checked in its source):
+  * `max_ongoing_requests` per replica; beyond that up to `max_queued_requests` wait in the
+    proxy's router, and the next one gets an immediate 503 with `Retry-After` (backpressure_config)
+    instead of growing latency and memory.
+  * `http_options.request_timeout_s`: the proxy answers 408 and cancels the request.
+  * Liveness: the proxy's own `GET /-/healthz` (never queues behind model work). Readiness:
+    `check_health` runs a real 1-image + 1-text forward every `health_check_period_s`; a replica
+    that fails it is replaced. `GET /healthz` (an app route) shows that probe's last result.
+  * A cancelled request (client gone, timeout) stops a class-feature computation between batches.
 
 What Ray adds to the Ray-free app: each image / text of every request goes into a `@serve.batch`
 queue (images and texts separately), so 32 clients sending one image each share forwards of up to
@@ -41,6 +54,9 @@ log = logging.getLogger("ray.serve")
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MODEL_ENV = "ALIP_SERVE_MODEL"
+ROOT = Path(__file__).resolve().parents[1]
+#: what `make demo` exports; the default model of `serve run serve/config.yaml`
+DEFAULT_MODEL = "demo_out/runs/demo-alip/export"
 APP_NAME = "alip"
 
 #: replicas scale on ongoing requests per replica; a full batch per replica is the target
@@ -53,6 +69,10 @@ AUTOSCALING = {
     "downscale_delay_s": 120,
 }
 MAX_ONGOING_REQUESTS = 64
+#: waiting in the proxy's router beyond the replicas' ongoing requests; then 503 at once
+MAX_QUEUED_REQUESTS = 128
+BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
+REQUEST_TIMEOUT_S = 60.0
 
 
 class _ForwardGate:
@@ -74,7 +94,8 @@ class _ForwardGate:
 
 @serve.deployment(
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
-    max_queued_requests=1024,  # beyond this a client gets 503 quickly instead of waiting forever
+    max_queued_requests=MAX_QUEUED_REQUESTS,  # beyond this a client gets 503 at once, not a growing wait
+    backpressure_config=BACKPRESSURE,
     autoscaling_config=AUTOSCALING,
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
@@ -89,6 +110,7 @@ class ALIPServer:
             torch.set_num_threads(self.config.torch_threads)
         strict_pillow_bomb_check()  # this process only serves: Pillow's bomb warning -> 413
         self.encoder = Encoder(load_model(model))
+        self._probe = self.encoder.probe()  # a replica that cannot run a forward never becomes ready
         self._counts = {kind: {"batches": 0, "items": 0, "largest": 0} for kind in ("image", "text")}
         self._gates = {kind: _ForwardGate() for kind in ("image", "text")}
         for handler in (self._image_batch, self._text_batch):
@@ -110,8 +132,12 @@ class ALIPServer:
         await self._gates[kind].enter()  # see the module docstring: keeps batches full under load
         return await batch_fn(item)
 
-    async def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-        return await asyncio.to_thread(self.encoder.class_features, labels, templates)
+    async def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        # one bounded batch of class prompts; the caller awaits between batches (cancellable)
+        return await asyncio.to_thread(self.encoder.encode_texts, tokens)
+
+    def last_probe(self) -> dict:
+        return dict(self._probe)
 
     def stats(self) -> dict:
         """Per queue: forwards run, items carried, largest batch (shown in GET /v1/models)."""
@@ -142,39 +168,68 @@ class ALIPServer:
         finally:
             gate.free()
 
-    def check_health(self) -> None:
-        if not torch.isfinite(torch.tensor(self.encoder.logit_scale)):
-            raise RuntimeError("model weights are not finite")
+    async def check_health(self) -> None:
+        """Serve's readiness check (every health_check_period_s): a real tiny forward, in a thread so
+        the event loop keeps serving; raising marks the replica unhealthy and Serve replaces it."""
+        self._probe = await asyncio.to_thread(self.encoder.probe)
 
 
 def build(model: str, settings: dict[str, Any] | None = None, *, num_replicas: int | None = None,
-          max_ongoing_requests: int | None = None, env: dict[str, str] | None = None) -> Application:
-    """The bound application. `num_replicas` fixes the replica count (autoscaling otherwise)."""
+          max_ongoing_requests: int | None = None, max_queued_requests: int | None = None,
+          num_cpus: float | None = None, env: dict[str, str] | None = None) -> Application:
+    """The bound application. `num_replicas` fixes the replica count (autoscaling otherwise);
+    `num_cpus` is per replica (default 1); `max_queued_requests` bounds the wait queue (503 beyond)."""
     cfg = ServeConfig.from_dict(settings)  # fail in the driver, not in a replica restart loop
     model = _model_ref(model)
     ongoing = max_ongoing_requests or max(MAX_ONGOING_REQUESTS, 2 * cfg.max_batch_size)
     if ongoing < cfg.max_batch_size:
         raise ServeConfigError(f"max_ongoing_requests={ongoing} < max_batch_size={cfg.max_batch_size}: "
                                "a replica would never hold enough requests to fill a batch")
-    options: dict[str, Any] = {"max_ongoing_requests": ongoing}
+    queued = MAX_QUEUED_REQUESTS if max_queued_requests is None else max_queued_requests
+    if queued < 1:
+        raise ServeConfigError(f"max_queued_requests must be >= 1 (got {queued}): an unbounded queue turns "
+                               "overload into growing latency and memory instead of a fast 503")
+    if num_cpus is not None and not num_cpus > 0:
+        raise ServeConfigError(f"num_cpus (per replica) must be > 0, got {num_cpus}")
+    options: dict[str, Any] = {"max_ongoing_requests": ongoing, "max_queued_requests": queued}
     if num_replicas is not None:
         options.update(num_replicas=num_replicas, autoscaling_config=None)
     else:
         options["autoscaling_config"] = {**AUTOSCALING, "target_ongoing_requests": cfg.max_batch_size}
+    actor: dict[str, Any] = {"num_cpus": num_cpus or 1}
     if env:
-        options["ray_actor_options"] = {"num_cpus": 1, "runtime_env": {"env_vars": dict(env)}}
+        actor["runtime_env"] = {"env_vars": dict(env)}
+    if num_cpus is not None or env:
+        options["ray_actor_options"] = actor
     return ALIPServer.options(**options).bind(model, cfg.to_dict())
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """`serve run serve.app:app_builder model=<dir or s3://...> [max_batch_size=16 ...]`;
-    `model` falls back to $ALIP_SERVE_MODEL; other args are ServeConfig fields."""
-    args = dict(args)
+    """`serve run serve.app:app_builder model=<dir or s3://...> [max_batch_size=16 ...]`, and the
+    builder `serve run serve/config.yaml` calls. The model: `model`, else $ALIP_SERVE_MODEL, else
+    the demo's export; other args are ServeConfig fields (plus num_replicas)."""
+    args = dict(args or {})
     model = args.pop("model", None) or os.environ.get(MODEL_ENV)
     if not model:
-        raise ServeConfigError(f"no model: pass model=<export dir or s3:// URI> or set {MODEL_ENV}")
+        default = _resolve_relative(DEFAULT_MODEL)
+        if not default.exists():
+            raise ServeConfigError(
+                f"no model given and the default, the demo's export {DEFAULT_MODEL}, does not exist (looked in "
+                f"{' and '.join(dict.fromkeys(map(str, (Path.cwd(), ROOT))))}): run `make demo` first, or set {MODEL_ENV}=<export dir or s3:// URI>, "
+                "or pass it: serve run serve.app:app_builder model=<export dir>")
+        model = str(default)
     num_replicas = args.pop("num_replicas", None)
+    log.info("ALIP serve: model %s", model)
     return build(str(model), args, num_replicas=int(num_replicas) if num_replicas is not None else None)
+
+
+def _resolve_relative(path: str) -> Path:
+    """A relative path from the current directory if it exists there, else from this checkout
+    (`serve run` may build the application in a process whose cwd is not the shell's)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return ROOT / p if (ROOT / p).exists() else p
 
 
 def _model_ref(model: str) -> str:
@@ -184,12 +239,17 @@ def _model_ref(model: str) -> str:
 
     if model.startswith("s3://"):
         return model
-    path = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+    path = _resolve_relative(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
     if path.exists():
         if not (path / EXPORT_CONFIG).is_file():
             raise ModelLoadError(f"{path} has no {EXPORT_CONFIG}: not an ALIP/open_clip export directory")
         return str(path.resolve())
-    model_config(model)  # a config name (random weights, for demos) or a clear error
+    if model.startswith("random:"):  # random weights, asked for explicitly (demos, benchmarks)
+        model_config(model[len("random:"):])
+        return model
+    from alip.model import load_model
+
+    load_model(model)  # a missing path: ModelLoadError naming it (and random:<name> for a config name)
     return model
 
 
@@ -205,16 +265,32 @@ def _worker_env() -> dict[str, str]:
 
 
 def start(model: str, host: str = "127.0.0.1", port: int = 8000, settings: dict[str, Any] | None = None,
-          num_replicas: int | None = None, num_cpus: int | None = None) -> str:
-    """Start Ray (if needed) and Serve on host:port and deploy the app; returns the base URL.
-    Non-blocking: call `stop()` (or ray.shutdown()) when done."""
+          num_replicas: int | None = None, num_cpus: float | None = None, *,
+          request_timeout_s: float = REQUEST_TIMEOUT_S, max_ongoing_requests: int | None = None,
+          max_queued_requests: int | None = None, ray_num_cpus: int | None = None) -> str:
+    """Start a private local Ray (unless this process already joined one) and Serve on host:port,
+    deploy the app; returns the base URL. `num_cpus` is per replica; `ray_num_cpus` caps the local
+    Ray (default: every CPU of the machine). Non-blocking: call `stop()` (or ray.shutdown()) when done."""
     import ray
 
     env = _worker_env()
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model, settings, num_replicas=num_replicas, env=env), name=APP_NAME, route_prefix="/")
+    app = build(model, settings, num_replicas=num_replicas, num_cpus=num_cpus, env=env,
+                max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+    if ray.is_initialized():
+        print(f"[ray] serving on the Ray this process already joined ({ray.get_runtime_context().gcs_address})",
+              flush=True)
+    else:
+        from alip.ray_setup import init_local_ray
+
+        # address="local": always a new private Ray, never a stale /tmp/ray/ray_current_cluster
+        # or someone else's `ray start` cluster (init_local_ray says so on the console)
+        init_local_ray(ray_num_cpus, runtime_env={"env_vars": env})
+    total = ray.cluster_resources().get("CPU", 0)
+    if (num_cpus or 1) > total:
+        raise ServeConfigError(f"num_cpus={num_cpus} per replica, but this Ray has only {total:g} CPUs: "
+                               "the replica could never start")
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 
@@ -223,12 +299,16 @@ def stop() -> None:
 
 
 def run_local(model: str, host: str = "127.0.0.1", port: int = 8000, settings: dict[str, Any] | None = None,
-              num_replicas: int | None = None, num_cpus: int | None = None) -> None:
-    """Blocking entry point for `alip serve --model ...`: serve until Ctrl-C, then shut down."""
+              num_replicas: int | None = None, num_cpus: float | None = None) -> None:
+    """Blocking entry point for `alip serve --model ...`: serve until Ctrl-C, then shut down.
+    `num_cpus` is CPUs per replica (the Ray started here gets every CPU of the machine)."""
     import time
 
+    import ray
+
     url = start(model, host, port, settings, num_replicas, num_cpus)
-    print(f"ALIP service on {url}  (page: {url}/  API docs: {url}/docs)  Ctrl-C to stop", flush=True)
+    print(f"ALIP service on {url}  (page: {url}/  API docs: {url}/docs  liveness: {url}/-/healthz)  "
+          "Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -236,3 +316,4 @@ def run_local(model: str, host: str = "127.0.0.1", port: int = 8000, settings: d
         pass
     finally:
         stop()
+        ray.shutdown()

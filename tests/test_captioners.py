@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pyarrow.fs as pafs
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,8 +15,11 @@ from alip.captioners import (
     Captioner,
     CaptionerConfig,
     CaptionerError,
+    Preparer,
+    captioner_id,
     clean_caption,
     load_captioner,
+    load_preparer,
     parse_spec,
 )
 from alip.captioners import hf as hf_backend
@@ -90,8 +94,15 @@ def test_config_validation_and_overrides():
         BLIP_LARGE.with_overrides(beams=4)
     cfg = BLIP_LARGE.with_overrides(num_beams=1)
     assert cfg.num_beams == 1 and BLIP_LARGE.num_beams == 3
-    assert cfg.name.startswith("Salesforce/blip-image-captioning-large[beams=1,")
+    assert cfg.name.startswith("Salesforce/blip-image-captioning-large[dtype=fp32,beams=1,")
     assert "prompt='a picture of '" in cfg.name and "size=384" in cfg.name
+    # Everything that changes a caption is in the id: dtype (half precision by default on CUDA).
+    assert captioner_id(cfg) == cfg.name
+    assert captioner_id(cfg.with_overrides(device="cuda")) == cfg.name.replace("dtype=fp32", "dtype=fp16")
+    assert captioner_id(cfg.with_overrides(device="cuda", dtype="fp32")) == cfg.name
+    assert len({captioner_id(cfg.with_overrides(**kw)) for kw in (
+        {}, {"dtype": "bf16"}, {"image_size": 256}, {"max_new_tokens": 9}, {"prompt": "x"}, {"no_repeat_ngram_size": 2},
+    )}) == 6
 
 
 def test_missing_local_dir_names_the_path(tmp_path):
@@ -136,7 +147,7 @@ def test_hf_local_dir_generates_deterministic_captions(tiny_dirs, images, kind, 
     assert isinstance(cap, Captioner)
     assert cap.load_route == "AutoModelForImageTextToText"  # both load via the v5 auto class
     assert type(cap.model).__name__ == cls_name
-    assert cap.name == f"{tiny_dirs[kind]}[beams=2,max_new=5,min_new=0]"
+    assert cap.name == f"{tiny_dirs[kind]}[dtype=fp32,beams=2,max_new=5,min_new=0]"
     out = cap.caption(images)
     assert len(out) == len(images) and all(isinstance(c, str) for c in out)
     assert all(len(c.split()) <= 5 for c in out)
@@ -157,9 +168,9 @@ def test_hf_prompt_and_generation_settings(tiny_dirs, images, kind):
     for c in out:
         assert not c.lower().startswith("a picture of")
         assert 1 <= len(c.split()) <= 3
-    raw = cap.processor.batch_decode(
-        cap.model.generate(**cap._inputs(images[:1]), **cap._generate_kwargs()), skip_special_tokens=True
-    )[0]
+    inputs = {k: torch.from_numpy(v) for k, v in cap.prepare(images[:1]).items()}
+    raw = cap.processor.batch_decode(cap.model.generate(**inputs, **cap._generate_kwargs()),
+                                     skip_special_tokens=True)[0]
     assert raw.startswith("a picture of"), raw  # the model really was prompted; clean_caption strips it
 
 
@@ -187,8 +198,34 @@ def test_hf_dtype_and_device_checks(tiny_dirs, images):
 
 def test_hf_image_size_override_interpolates(tiny_dirs, images):
     cap = load_captioner(f"hf:{tiny_dirs['blip']}", image_size=48, num_beams=1, max_new_tokens=3)
-    assert cap._inputs(images[:1])["pixel_values"].shape[-2:] == (48, 48)
+    assert cap.prepare(images[:1])["pixel_values"].shape[-2:] == (48, 48)
     assert len(cap.caption(images[:2])) == 2
+
+
+@pytest.mark.parametrize("kind", ["blip", "git"])
+def test_prepare_then_generate_equals_caption(tiny_dirs, images, tmp_path, kind):
+    """The CPU half needs only the processor (a folder without weights works); any slice of its
+    arrays generates exactly what caption() gives for those images."""
+    import shutil
+
+    settings = dict(num_beams=2, max_new_tokens=4, prompt="a picture of ")
+    cap = load_captioner(f"hf:{tiny_dirs[kind]}", **settings)
+    no_weights = tmp_path / "processor-only"
+    shutil.copytree(tiny_dirs[kind], no_weights, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    prep = load_preparer(f"hf:{no_weights}", **settings)
+    assert isinstance(prep, Preparer) and not hasattr(prep, "model")
+    inputs = prep.prepare(images)
+    assert all(isinstance(v, np.ndarray) and len(v) == len(images) for v in inputs.values())
+    assert inputs["pixel_values"].dtype == np.float32  # fp32 on CPU
+    assert cap.generate_prepared(inputs) == cap.caption(images)
+    assert cap.generate_prepared({k: v[2:4] for k, v in inputs.items()}) == cap.caption(images[2:4])
+    # The square side decode may resize to early: BLIP's processor resizes to a square; GIT's
+    # crops, so resizing early would distort and is left to the processor.
+    assert prep.input_size == (cap.prepare(images[:1])["pixel_values"].shape[-1] if kind == "blip" else None)
+    # Half precision (the CUDA default) travels as float16: half the bytes to the GPU actor.
+    half = load_preparer(f"hf:{tiny_dirs[kind]}", device="cuda", **settings).prepare(images[:2])
+    assert half["pixel_values"].dtype == np.float16
+    np.testing.assert_allclose(half["pixel_values"], inputs["pixel_values"][:2], atol=2e-3)
 
 
 def test_hf_falls_back_to_config_architecture(tiny_dirs, images, monkeypatch):
@@ -224,3 +261,14 @@ def test_hf_loads_from_s3_dir(tiny_dirs, images, s3_bucket, tmp_path, monkeypatc
     assert again.source == remote.source  # cached, not downloaded twice
     with pytest.raises(CaptionerError, match="does not exist or is empty"):
         load_captioner(f"hf:{s3_bucket}/models/nothing-here")
+
+
+def test_ofa_preparer_resizes_only_and_needs_no_venv(images):
+    """OFA's CPU half is a bicubic resize to image_size (uint8); no OFA venv or checkpoint needed."""
+    prep = load_preparer(CaptionerConfig(backend="ofa", model="/nowhere", image_size=24, prompt="p"))
+    out = prep.prepare(images[:3])
+    assert list(out) == ["pixels"] and out["pixels"].shape == (3, 24, 24, 3) and out["pixels"].dtype == np.uint8
+    expected = np.asarray(images[1].convert("RGB").resize((24, 24), Image.Resampling.BICUBIC))
+    assert (out["pixels"][1] == expected).all()
+    with pytest.raises(CaptionerError, match="PIL"):
+        prep.prepare([images[0], "x"])

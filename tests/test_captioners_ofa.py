@@ -52,7 +52,7 @@ def _images():
 def test_ofa_worker_captions_with_paper_settings(tiny_ofa):
     images = _images()
     with load_captioner(f"ofa:{tiny_ofa}", image_size=64, batch_size=2) as cap:
-        assert cap.name == (f"{tiny_ofa}[beams=5,max_new=16,min_new=1,no_repeat_ngram=3,size=64,"
+        assert cap.name == (f"{tiny_ofa}[dtype=fp32,beams=5,max_new=16,min_new=1,no_repeat_ngram=3,size=64,"
                             "prompt=' what does the image describe?']")
         # Runs in the isolated env: transformers 4.x + ModelScope, fairseq not installed.
         assert cap.info["transformers"].startswith("4.")

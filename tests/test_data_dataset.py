@@ -151,3 +151,25 @@ def test_column_selection_reads_only_requested_columns(tmp_path):
     assert t.column_names == ["key", "image", "raw_text", "extra"]
     t = read_shard(str(tmp_path / "s.parquet"), columns=[])
     assert t.column_names == ["key", "image", "raw_text"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_index_byte_ranges_reproduce_the_whole_tar(tmp_path, fmt):
+    """Row ranges of a tar read by byte range == the whole tar's rows, whatever the tar format
+    (GNU long names and PAX headers come before the member they describe)."""
+    from alip.data.dataset import index_webdataset, read_webdataset_range
+
+    path = tmp_path / "00000.tar"
+    deep = "d" * 60 + "/" + "e" * 60 if fmt != tarfile.USTAR_FORMAT else "dir"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        _add(tar, "README", b"not a sample")
+        for i in range(23):
+            stem = f"{deep}/{i:09d}" + ("-ü" if fmt == tarfile.PAX_FORMAT else "")
+            _add(tar, f"{stem}.jpg", _jpeg((i, 0, 0)))
+            _add(tar, f"{stem}.txt", f"alt {i}".encode())
+    whole = read_shard(str(path))
+    index = index_webdataset(str(path))
+    assert index.rows == whole.num_rows == 23 and index.splittable
+    parts = [read_webdataset_range(str(path), *index.byte_range(a, min(a + 5, 23))) for a in range(0, 23, 5)]
+    assert [p.num_rows for p in parts] == [5, 5, 5, 5, 3]
+    assert pa.concat_tables(parts).equals(whole)

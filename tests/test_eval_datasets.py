@@ -108,3 +108,58 @@ def test_world_splits_are_disjoint_and_sized():
     ret = load_split("world-retrieval", "test", world_n=5)
     assert len(ret) == 5 and all(len(c) == 3 for c in ret.captions)
     assert "background" in ret.captions[0][0] and "background" not in ret.captions[0][2]
+
+
+def _upload(local, uri):
+    import pyarrow.fs as pafs
+
+    from alip.data.storage import resolve
+
+    dest = resolve(uri)
+    pafs.copy_files(str(local), dest.path, destination_filesystem=dest.fs)
+
+
+def test_s3_data_root_reads_the_same_data_and_results_go_to_s3(tmp_path, s3_bucket, monkeypatch):
+    """A cluster job's workers see no local eval data: an s3:// data root is read through pyarrow's
+    S3 filesystem (the local S3 server here), cached per dataset, and results may go to s3:// too."""
+    from alip.data.storage import resolve
+    from alip.eval.runner import main
+    from alip.model import create_model, export_open_clip
+
+    local = tmp_path / "local"
+    for split in ("train", "val"):
+        for c, folder in enumerate(["n01_tench", "n02_goldfish"]):
+            for i in range(3):
+                _png(local / "imagenet" / split / folder / f"{i}.png", (c * 100, i * 30, 0))
+    base = local / "flickr30k"
+    images = []
+    for i in range(3):
+        _png(base / "flickr30k-images" / f"{i}.jpg", (i * 50, 0, 0))
+        images.append({"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"c{j} of {i}"} for j in range(5)]})
+    (base / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    _upload(local, f"{s3_bucket}/eval")
+    monkeypatch.setenv("ALIP_EVAL_CACHE", str(tmp_path / "cache"))
+
+    root = f"{s3_bucket}/eval"
+    for name, split in (("imagenet", "test"), ("imagenet", "train"), ("flickr30k", "test")):
+        remote, here = load_split(name, split, root), load_split(name, split, local)
+        assert len(remote) == len(here) > 0
+        assert [np.asarray(remote.images[i]).tolist() for i in range(len(remote))] == \
+               [np.asarray(here.images[i]).tolist() for i in range(len(here))]
+        assert getattr(remote, "classnames", None) == getattr(here, "classnames", None)
+    assert (tmp_path / "cache" / "s3" / s3_bucket[5:] / "eval" / "imagenet" / "val" / "n02_goldfish" / "2.png").is_file()
+    with pytest.raises(DatasetNotFoundError, match=rf"(?s)under data root {s3_bucket}/eval .*{s3_bucket}/eval/dtd/test/<class>"):
+        load_split("dtd", "test", root)
+
+    export = export_open_clip(create_model("alip-micro"), tmp_path / "export")
+    out = f"{s3_bucket}/results/run1"
+    assert main(["--checkpoint", str(export), "--datasets", "zeroshot:imagenet", "retrieval:flickr30k",
+                 "--data-root", root, "--out", out, "--no-ray", "--batch-size", "8", "--name", "M"]) == 0
+    loc = resolve(out)
+    with loc.fs.open_input_stream(loc.path + "/results.json") as f:
+        report = json.loads(f.read())
+    res = report["models"]["M"]["results"]
+    assert res["zeroshot"]["imagenet"]["n_test"] == 6 and res["retrieval"]["flickr30k"]["n_images"] == 3
+    assert report["data_root"] == root and not res["errors"]
+    with loc.fs.open_input_stream(loc.path + "/results.md") as f:
+        assert f.read().decode() == report["table"]

@@ -95,7 +95,7 @@ def test_ray_job_writes_results_and_tables(ray_cluster, tmp_path):
     torch.manual_seed(1)
     export = export_open_clip(create_model("alip-tiny"), tmp_path / "run" / "export")
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(export), "--name", "ALIP", "--compare", "alip-tiny", "--compare-name", "CLIP",
+    argv = ["--checkpoint", str(export), "--name", "ALIP", "--compare", "random:alip-tiny", "--compare-name", "CLIP",
             "--datasets", "zeroshot:world-shape", "retrieval:world-retrieval", "zeroshot:dtd",
             "--data-root", str(tmp_path / "no-data"), "--out", str(out), "--world-n", "16", "--world-train-n", "24",
             "--lp-max-iter", "100", "--batch-size", "16"]
@@ -115,7 +115,7 @@ def test_ray_job_writes_results_and_tables(ray_cluster, tmp_path):
     assert "- ALIP / zeroshot:dtd" in md
     # the in-process path gives the same numbers (same weights, same generated data)
     out2 = tmp_path / "eval-local"
-    argv_local = [a if a != str(out) else str(out2) for a in argv if a not in ("--compare", "alip-tiny")]
+    argv_local = [a if a != str(out) else str(out2) for a in argv if a not in ("--compare", "random:alip-tiny")]
     assert main(argv_local + ["--no-ray", "--allow-missing"]) == 0
     local = json.loads((out2 / "results.json").read_text())["models"]
     assert list(local) == ["ALIP"]

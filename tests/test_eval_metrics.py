@@ -121,3 +121,75 @@ def test_retrieval_recalls_validates_inputs():
         retrieval_recalls(np.zeros((2, 3)), [0, 1])
     with pytest.raises(MetricError, match="at least one caption"):
         retrieval_recalls(np.zeros((3, 2)), [0, 1])
+
+
+def test_ties_rank_the_target_below_every_tied_class():
+    # constant scores (a collapsed model) must score 0, not 100%
+    assert topk_accuracy(np.zeros((4, 6)), [0, 1, 2, 3], 1) == 0.0
+    assert topk_accuracy(np.zeros((4, 6)), [0, 1, 2, 3], 5) == 0.0
+    assert mean_per_class_recall(np.zeros((4, 6)), [0, 1, 2, 3]) == 0.0
+    scores = np.array([
+        [0.9, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # target 0 tied with class 1 -> rank 1: top-2 hit, top-1 miss
+        [0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.0],  # target 1 tied with 4 others -> rank 4: top-5 hit only
+        [0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],  # target 6 tied with 5 others -> rank 5: miss at 5
+        [0.1, 0.8, 0.3, 0.3, 0.3, 0.3, 0.3],  # target 1 alone on top -> hit everywhere
+    ])
+    y = np.array([0, 1, 6, 1])
+    assert topk_accuracy(scores, y, 1) == 0.25
+    assert topk_accuracy(scores, y, 2) == 0.5
+    assert topk_accuracy(scores, y, 5) == 0.75
+    # reference: the worst rank over every order of the tied classes, by brute force
+    for k in (1, 2, 5):
+        worst = [int((np.delete(row, t) >= row[t]).sum() < k) for row, t in zip(scores, y)]
+        assert topk_accuracy(scores, y, k) == np.mean(worst)
+    # mean per class: class 0 -> 0/1, class 1 -> 1/2 (row 3 hit, row 1 miss), class 6 -> 0/1
+    assert mean_per_class_recall(scores, y) == pytest.approx((0 + 0.5 + 0) / 3)
+
+
+def test_retrieval_ties_rank_the_true_item_below_tied_wrong_ones():
+    owners = [0, 0, 1, 2]
+    r = retrieval_recalls(np.zeros((3, 4)), owners, ks=(1, 3))
+    # constant similarities: every image has 4 texts all tied; its own captions go below the
+    # others' -> image 0 (2 own) ranks 2, images 1, 2 rank 3; each caption ranks last of 3 images
+    assert r["i2t_r1"] == 0.0 and r["t2i_r1"] == 0.0
+    assert r["i2t_r3"] == pytest.approx(1 / 3) and r["t2i_r3"] == 1.0
+    sim = np.array([
+        [0.7, 0.2, 0.7, 0.0],  # image 0: own c0 tied with c2 (image 1) -> rank 1, not a hit at 1
+        [0.1, 0.1, 0.6, 0.0],  # image 1: own c2 alone on top -> hit at 1
+        [0.0, 0.0, 0.0, 0.5],  # image 2: own c3 alone on top -> hit at 1
+    ])
+    r = retrieval_recalls(sim, owners, ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(2 / 3) and r["i2t_r2"] == 1.0
+    # c1 (image 0): 0.2 vs 0.1, 0.0 -> hit; c0 alone on top; c2 0.6 vs 0.7 -> rank 1; c3 hit
+    assert r["t2i_r1"] == pytest.approx(3 / 4)
+    tied = sim.copy()
+    tied[1, 1] = 0.2  # c1 now tied between its image 0 and image 1 -> rank 1
+    assert retrieval_recalls(tied, owners, ks=(1,))["t2i_r1"] == pytest.approx(2 / 4)
+
+
+def test_nan_scores_are_an_error():
+    scores = np.random.default_rng(0).normal(size=(5, 4))
+    scores[3, 2] = np.nan
+    y = np.array([0, 1, 2, 3, 0])
+    for fn in (lambda: topk_accuracy(scores, y, 1), lambda: mean_per_class_recall(scores, y),
+               lambda: classification_metric("mean_top1_top5", scores, y),
+               lambda: voc11_map(scores, np.eye(4, dtype=int)[y]),
+               lambda: roc_auc(scores[:, 1:3], [0, 1, 0, 1, 1])):
+        with pytest.raises(MetricError, match=r"1 NaN value\(s\) \(first rows: \[3\]\)"):
+            fn()
+    with pytest.raises(MetricError, match="similarities contain 1 NaN"):
+        retrieval_recalls(scores[:4, :4], [0, 1, 2, 3])
+
+
+def test_world_zeroshot_metrics_use_the_same_tie_and_nan_rules():
+    import torch
+
+    from alip.eval.zeroshot import zeroshot_metrics
+
+    out = zeroshot_metrics(torch.zeros(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert out == {"top1": 0.0, "top5": 1.0, "mean_per_class_recall": 0.0}  # top-5 capped at 3 classes: trivial
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = zeroshot_metrics(logits, torch.tensor([0, 1, 2, 0]))
+    assert out["top1"] == 0.75 and out["mean_per_class_recall"] == pytest.approx((0.5 + 1 + 1) / 3)
+    with pytest.raises(MetricError, match="NaN"):
+        zeroshot_metrics(torch.full((2, 3), float("nan")), torch.tensor([0, 1]))

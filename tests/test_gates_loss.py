@@ -54,24 +54,31 @@ def random_triplets(n, d, seed, agreement=0.5):
 
 
 def test_gates_match_reference_over_several_steps():
-    state = GateState()
-    mu = {"tc": 1.0, "it": 1.0, "ic": 1.0}
-    saw_disagree = saw_agree = False
+    # Start the momentum means at 0.7 (not the official 1.0, where s_tc < mu for every sample of
+    # these triplets): then both branches occur, agreeing samples (w >= 1: W_s = W_t = W_c = 1) and
+    # disagreeing ones (w < 1: the DCG weights), and both are checked against the reference.
+    state = GateState(0.7, 0.7, 0.7)
+    mu = {"tc": 0.7, "it": 0.7, "ic": 0.7}
+    agreeing = disagreeing = 0
     for step in range(6):
-        # After the first steps the momentum means fall below some similarities: both branches occur.
         i, t, c = random_triplets(16, 8, seed=step)
         gates = consistency_gates(i, t, c, state)
         ws, wt, wc, mu = reference_gates(i.double().numpy(), t.double().numpy(), c.double().numpy(), mu)
         np.testing.assert_allclose(gates.sample_weight.numpy(), ws, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(gates.raw_pair_weight.numpy(), wt, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(gates.caption_pair_weight.numpy(), wc, rtol=1e-5, atol=1e-6)
-        assert gates.state.text_caption == pytest.approx(mu["tc"], abs=1e-6)
-        assert gates.state.image_text == pytest.approx(mu["it"], abs=1e-6)
-        assert gates.state.image_caption == pytest.approx(mu["ic"], abs=1e-6)
-        saw_disagree |= bool((ws < 1).any())
-        saw_agree |= bool((ws == 1).any())
+        assert float(gates.state.text_caption) == pytest.approx(mu["tc"], abs=1e-6)
+        assert float(gates.state.image_text) == pytest.approx(mu["it"], abs=1e-6)
+        assert float(gates.state.image_caption) == pytest.approx(mu["ic"], abs=1e-6)
+        agree = ws == 1
+        agreeing += int(agree.sum())
+        disagreeing += int((~agree).sum())
+        # agreeing samples are never re-weighted by the DCG
+        assert (wt[agree] == 1).all() and (wc[agree] == 1).all()
+        assert torch.equal(gates.raw_pair_weight[torch.from_numpy(agree)], torch.ones(int(agree.sum())))
         state = gates.state
-    assert saw_disagree, "the w < 1 (DCG) branch was never exercised"
+    assert disagreeing > 0, "the w < 1 (DCG) branch was never exercised"
+    assert agreeing > 0, "the w >= 1 (W_s = 1) branch was never exercised"
 
 
 def test_agreeing_samples_get_unit_weights_when_mean_is_low():

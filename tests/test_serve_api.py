@@ -19,8 +19,9 @@ from alip.serving.encoder import Encoder, LocalBackend
 from alip.serving.inputs import ClientError, decode_base64, decode_image, strict_pillow_bomb_check
 from serve_helpers import b64, direct_image_embeddings, direct_text_embeddings, png_bytes, png_header_only
 
-LIMITS = dict(max_body_bytes=200_000, max_image_pixels=1_000_000, max_images=4, max_texts=8, max_labels=6,
-              max_templates=5, max_text_chars=300)
+LIMITS = dict(max_body_bytes=200_000, max_image_pixels=1_000_000, max_request_pixels=1_500_000, max_images=4,
+              max_texts=8, max_labels=6, max_templates=5, max_text_chars=300, max_label_chars=40,
+              max_class_prompts=200, class_batch_size=7)
 RED, BLUE = png_bytes((220, 20, 20), pattern=7), png_bytes((20, 20, 220), (64, 90), pattern=5)
 
 
@@ -157,8 +158,27 @@ BAD = {
     "empty text": ("post", "/v1/embeddings/text", dict(json={"texts": ["ok", "  "]}), 422, "empty_text"),
     "text over context": ("post", "/v1/embeddings/text", dict(json={"texts": ["word " * 40]}), 422, "text_too_long"),
     "text over chars": ("post", "/v1/embeddings/text", dict(json={"texts": ["x" * 301]}), 422, "text_too_long"),
-    "label over context": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["cat", "dog " * 40],
-                           "prompts": ["a {label}."]}), 422, "text_too_long"),
+    "prompt over context": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["cat", "dog"],
+                            "prompts": ["{label} " + "a," * 60]}), 422, "text_too_long"),
+    "prompt over chars (not built)": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["c" * 40],
+                                      "prompts": ["{label}" * 8]}), 422, "text_too_long"),
+    "label over chars": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["cat", "dog " * 11],
+                         "prompts": ["a {label}."]}), 422, "label_too_long"),
+    "labels x templates over budget": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": list("abcdef"),
+                                       "prompts": "imagenet"}),
+                                       422, "too_many_prompts"),
+    "format spec in template": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["a"],
+                                "prompts": ["{label}{label:>1000000000}"]}), 422, "bad_prompts"),
+    "conversion in template": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["a"],
+                               "prompts": ["{label!r}"]}), 422, "bad_prompts"),
+    "attribute in template": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["a"],
+                              "prompts": ["{label.__class__}"]}), 422, "bad_prompts"),
+    "index in template": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["a"],
+                          "prompts": ["{label[0]}"]}), 422, "bad_prompts"),
+    "lone brace in template": ("post", "/v1/classify", dict(json={"images": [b64(RED)], "labels": ["a"],
+                               "prompts": ["{label} }"]}), 422, "bad_prompts"),
+    "pixels over the request budget": ("post", "/v1/embeddings/image",
+                                       dict(json={"images": [b64(png_header_only(900, 900))] * 2}), 413, "too_many_pixels"),
     "too many images": ("post", "/v1/embeddings/image", dict(json={"images": [b64(RED)] * 5}), 422, "too_many_images"),
     "too many files": ("post", "/v1/embeddings/image", dict(files=[("images", ("r.png", RED, "image/png"))] * 5),
                        422, "bad_multipart"),
@@ -185,6 +205,10 @@ BAD = {
     "multipart on text endpoint": ("post", "/v1/embeddings/text", dict(files=[("texts", ("t.txt", b"a", "text/plain"))]),
                                    415, "unsupported_media_type"),
     "no content type": ("post", "/v1/similarity", dict(content=b"x"), 415, "unsupported_media_type"),
+    "timeout override header": ("post", "/v1/embeddings/text", dict(json={"texts": ["a"]},
+                                headers={"x-request-timeout-seconds": "0"}), 400, "forbidden_header"),
+    "disconnect override header": ("get", "/v1/models", dict(headers={"X-Request-Disconnect-Disabled": "?1"}),
+                                   400, "forbidden_header"),
     "unknown path": ("get", "/v2/nothing", {}, 404, "not_found"),
     "wrong method": ("get", "/v1/classify", {}, 405, "method_not_allowed"),
 }
@@ -274,7 +298,7 @@ def test_lru_cache_evicts_and_shares_pending_computation():
 
     stats = asyncio.run(main())
     assert calls == [1, 2, 3]
-    assert stats == {"entries": 2, "maxsize": 2, "hits": 3, "misses": 4}
+    assert stats == {"entries": 2, "maxsize": 2, "hits": 3, "misses": 4, "cancelled": 0}
 
 
 def test_entry_points_fail_fast_on_bad_settings_and_models(tmp_path):
@@ -292,9 +316,162 @@ def test_entry_points_fail_fast_on_bad_settings_and_models(tmp_path):
 
     with pytest.raises(ModelLoadError, match="open_clip_config.json"):
         build(str(tmp_path))                       # a folder that is not an export
-    with pytest.raises(ModelLoadError, match="neither|unknown model config"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         build(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="pass random:alip-tiny"):
+        build("alip-tiny")                         # a config name is not silently a random model
     with pytest.raises(ServeConfigError, match="no model"):
         app_builder({})
     with pytest.raises(ServeConfigError, match="max_ongoing_requests"):
-        build("alip-tiny", {"max_batch_size": 32}, max_ongoing_requests=8)
+        build("random:alip-tiny", {"max_batch_size": 32}, max_ongoing_requests=8)
+
+
+# ------------------------------------------------------------------- limits that hold (issue 15)
+def test_format_spec_template_is_refused_at_once(client):
+    """`{label:>1000000000}` would build a gigabyte string per prompt: refused before any formatting."""
+    import time
+    t0 = time.perf_counter()
+    r = client.post("/v1/classify", json={"images": [b64(RED)], "labels": ["a", "b"],
+                                          "prompts": ["{label}{label:>1000000000}"]})
+    assert r.status_code == 422 and "only the bare placeholder" in r.json()["error"]["message"]
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_escaped_braces_are_literal_and_match_the_library(client, model):
+    templates = ["a {{curly}} photo of a {label}.", "{label}, {label}!"]
+    labels = ["red", "blue"]
+    body = ok(client.post("/v1/classify", json={"images": [b64(RED)], "labels": labels, "prompts": templates}))
+    clf = build_classifier(model, get_tokenizer(model), labels, templates)  # str.format, like the service
+    tf = image_transform(model, train=False)
+    import io
+    x = tf(Image.open(io.BytesIO(RED)).convert("RGB"))[None]
+    p = (float(model.logit_scale.detach().exp()) * classify(model, clf, x)).softmax(-1)[0]
+    got = {r["label"]: r["probability"] for r in body["results"][0]["ranking"]}
+    assert [got[lab] for lab in labels] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_pixel_budget_is_checked_before_decoding(client):
+    # each header-only PNG is under the per-image limit but cannot be decoded (its pixel data is
+    # missing): one alone is a 400 from the decoder, two are refused by the budget before decoding
+    one = b64(png_header_only(900, 900))
+    assert client.post("/v1/embeddings/image", json={"images": [one]}).json()["error"]["code"] == "bad_image"
+    r = client.post("/v1/embeddings/image", json={"images": [one, one]})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"
+    assert "1620000 pixels" in r.json()["error"]["message"]
+
+
+def test_template_parser_accepts_only_bare_label():
+    from alip.serving.inputs import parse_template
+    t = parse_template("a {{x}} {label} and {label}", 0)
+    assert (t.slots, t.literal_chars, t.fill("cat")) == (2, len("a {x}  and "), "a {x} cat and cat")
+    assert t.filled_chars("cat") == len(t.fill("cat"))
+    for bad in ("{label:10}", "{label!s}", "{label.upper}", "{label[0]}", "{0}", "{}", "{name}", "{label", "}",
+                "no slot", "{label:{label}}"):
+        with pytest.raises(ClientError) as e:
+            parse_template(bad, 0)
+        assert e.value.status == 422, bad
+
+
+def test_class_features_batched_equal_build_classifier(model):
+    from alip.serving.classes import class_features
+    from alip.serving.inputs import parse_template
+
+    enc = Encoder(model)
+    labels, raw = ["red", "blue", "green", "a dog"], ["a photo of a {label}.", "{label}", "art of the {label}"]
+    sizes = []
+
+    async def encode(prompts, origin):
+        sizes.append(len(prompts))
+        return enc.encode_texts(enc.tokenize(prompts))
+
+    got = asyncio.run(class_features(encode, labels, [parse_template(t, i) for i, t in enumerate(raw)], 5))
+    assert sizes == [5, 5, 2]  # 12 prompts in batches of 5
+    torch.testing.assert_close(got, build_classifier(model, get_tokenizer(model), labels, raw), atol=1e-6, rtol=0)
+
+
+def test_cancelled_request_stops_class_features_between_batches(model):
+    """The request's task is cancelled (client gone): the shared computation stops at the next
+    batch once its last waiter has gone, and nothing is cached."""
+    from alip.serving.classes import class_features
+    from alip.serving.inputs import parse_template
+
+    backend = LocalBackend(Encoder(model))
+    templates = [parse_template(f"{{label}} number {i}", i) for i in range(10)]
+    labels = [f"class {i}" for i in range(20)]  # 200 prompts, 50 batches of 4
+    done = []
+
+    async def encode(prompts, origin):
+        emb = await backend.encode_prompts(backend.encoder.tokenize(prompts))
+        done.append(len(prompts))
+        await asyncio.sleep(0.01)
+        return emb
+
+    async def main():
+        cache: AsyncLRUCache[torch.Tensor] = AsyncLRUCache(4)
+        waiters = [asyncio.ensure_future(cache.get_or_compute(("k",), lambda: class_features(encode, labels, templates, 4)))
+                   for _ in range(2)]
+        while len(done) < 3:
+            await asyncio.sleep(0.005)
+        waiters[0].cancel()          # one client goes: the other still waits, work continues
+        await asyncio.sleep(0.1)
+        n_mid = len(done)
+        assert n_mid > 3 and not waiters[1].done()
+        waiters[1].cancel()          # the last one goes: the computation stops
+        await asyncio.gather(*waiters, return_exceptions=True)
+        n_stop = len(done)
+        await asyncio.sleep(0.3)
+        return cache, n_stop
+
+    cache, n_stop = asyncio.run(main())
+    assert len(done) == n_stop < 50   # nothing more was encoded after the cancellation
+    assert len(cache) == 0 and cache.stats()["cancelled"] == 1  # nothing cached
+
+
+def test_openapi_has_bearer_scheme_and_every_status(client):
+    spec = ok(client.get("/openapi.json"))
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {**spec["components"]["securitySchemes"]["bearerAuth"],
+                                                                    "type": "http", "scheme": "bearer"}
+    for path in ("/v1/embeddings", "/v1/embeddings/image", "/v1/embeddings/text", "/v1/similarity", "/v1/classify"):
+        op = spec["paths"][path]["post"]
+        assert {"bearerAuth": []} in op["security"], path
+        assert {"200", "400", "401", "408", "413", "415", "422", "503"} <= set(op["responses"]), (path, op["responses"])
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+    assert "security" not in spec["paths"]["/healthz"]["get"]  # liveness stays open
+    assert {"bearerAuth": []} in spec["paths"]["/v1/models"]["get"]["security"]
+
+
+def test_readiness_probe_runs_a_real_forward(model):
+    enc = Encoder(model)
+    assert enc.probe()["ok"] is True
+    broken = create_model("alip-tiny")
+    with torch.no_grad():
+        broken.clip.visual.proj.fill_(float("nan"))  # what a bad checkpoint or device fault looks like
+    with pytest.raises(RuntimeError, match="image tower"):
+        Encoder(broken).probe()
+
+
+def test_serve_app_limits_and_default_model(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from serve import app as serve_app
+
+    with pytest.raises(ServeConfigError, match="max_queued_requests"):
+        serve_app.build("random:alip-tiny", max_queued_requests=0)
+    with pytest.raises(ServeConfigError, match="per replica"):
+        serve_app.build("random:alip-tiny", num_cpus=0)
+    deployment = serve_app.build("random:alip-tiny", num_replicas=1, num_cpus=0.5, max_queued_requests=7)
+    opts = deployment._bound_deployment
+    assert opts.ray_actor_options["num_cpus"] == 0.5 and opts.max_queued_requests == 7
+    assert opts._deployment_config.backpressure_config.retry_after_s == 1
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIP_SERVE_MODEL", raising=False)
+    monkeypatch.setattr(serve_app, "DEFAULT_MODEL", "no/such/demo/export")
+    with pytest.raises(ServeConfigError, match="make demo.*ALIP_SERVE_MODEL"):
+        serve_app.app_builder({})
+    export = export_open_clip(create_model("alip-tiny"), tmp_path / "exp")
+    monkeypatch.setenv("ALIP_SERVE_MODEL", str(export))
+    bound = serve_app.app_builder({"max_batch_size": "4"})._bound_deployment
+    assert bound.init_args[0] == str(export.resolve()) and bound.init_args[1]["max_batch_size"] == 4

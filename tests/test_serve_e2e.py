@@ -49,7 +49,7 @@ def service(tmp_path_factory):
     torch.set_num_threads(1)
     export = export_open_clip(create_model("alip-tiny"), tmp_path_factory.mktemp("serve_export"))
     url = serve_app.start(str(export), host="127.0.0.1", port=_free_port(), settings=SETTINGS,
-                          num_replicas=1, num_cpus=2)
+                          num_replicas=1, ray_num_cpus=2)
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"url": url, "client": client, "model": load_model(export).eval()}
@@ -65,7 +65,9 @@ def ok(r: httpx.Response) -> dict:
 
 def test_every_endpoint_matches_the_library(service):
     c, model = service["client"], service["model"]
-    assert ok(c.get("/healthz")) == {"status": "ok", "model": "alip-tiny"}
+    health = ok(c.get("/healthz"))
+    assert health["status"] == "ok" and health["model"] == "alip-tiny" and health["probe"]["ok"] is True
+    assert c.get("/-/healthz").status_code == 200  # liveness on Serve's proxy
     info = ok(c.get("/v1/models"))
     assert info["data"][0]["embed_dim"] == model.embed_dim == 64 and info["limits"]["max_images"] == 8
 

@@ -168,3 +168,27 @@ def test_eval_splits_are_deterministic_balanced_and_held_out():
     assert tuple(tensors.shape) == (12, 64, 64, 3) and labels.dtype == np.int64
     with pytest.raises(ValueError, match="unknown world task 'size'"):
         world_eval_split("size", n=10)
+
+
+def test_cli_world_generate_prints_progress_then_the_summary_json(tmp_path, capsys):
+    import json
+
+    from alip.cli import main
+
+    out = tmp_path / "w"
+    assert main(["world", "generate", "--out", str(out), "--n", "40", "--noise", "0.5", "--seed", "3",
+                 "--shard-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    progress, _, doc = printed.partition("{")
+    assert "[world] generating 40 samples" in progress and "[world] done: 40 samples" in progress
+    summary = json.loads("{" + doc)
+    assert summary["n"] == 40 and summary["seed"] == 3 and summary["noise"] == 0.5
+    assert [os.path.basename(s) for s in summary["shards"]] == ["world-00000.parquet", "world-00001.parquet",
+                                                                 "world-00002.parquet"]
+    assert read_dataset(str(out)).num_rows == 40
+    # a second run into the same folder is refused with a clear usage error, nothing is lost
+    with pytest.raises(SystemExit) as exc:
+        main(["world", "generate", "--out", str(out), "--n", "10"])
+    assert exc.value.code == 2
+    assert "already holds 3 shard(s)" in capsys.readouterr().err
+    assert read_dataset(str(out)).num_rows == 40

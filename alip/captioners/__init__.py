@@ -8,6 +8,8 @@ Public API::
     cap = load_captioner("hf:/models/my-blip")      # any transformers captioner (hub id / dir / s3://dir)
     cap = load_captioner("ofa:/models/ofa-large")   # OFA via ModelScope, in the isolated .ofa-venv
     captions = cap.caption([img1, img2])            # -> list[str]; cap.name -> `captioner` column
+    prep = load_preparer("builtin")                 # the CPU half only (processor, no weights)
+    cap.generate_prepared(prep.prepare([img1]))     # == cap.caption([img1])
 
 Specs and configs are small and picklable; weights load when the captioner is built
 (inside the Ray actor in the caption job).
@@ -22,7 +24,9 @@ from alip.captioners.base import (
     Captioner,
     CaptionerConfig,
     CaptionerError,
+    Preparer,
     builtin_config,
+    captioner_id,
     clean_caption,
     parse_spec,
 )
@@ -34,9 +38,12 @@ __all__ = [
     "Captioner",
     "CaptionerConfig",
     "CaptionerError",
+    "Preparer",
     "builtin_config",
+    "captioner_id",
     "clean_caption",
     "load_captioner",
+    "load_preparer",
     "parse_spec",
 ]
 
@@ -64,3 +71,16 @@ def load_captioner(
     from alip.captioners.ofa import OFACaptioner
 
     return OFACaptioner(config)
+
+
+def load_preparer(spec: str | CaptionerConfig, **overrides) -> "Preparer":
+    """The CPU half of a captioner (``prepare(images)``): loads the processor only, never the weights."""
+    config = spec if isinstance(spec, CaptionerConfig) else parse_spec(spec)
+    config = config.with_overrides(**overrides)
+    if config.backend == "hf":
+        from alip.captioners.hf import HFPreparer
+
+        return HFPreparer(config)
+    from alip.captioners.ofa import OFAPreparer
+
+    return OFAPreparer(config)

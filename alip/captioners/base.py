@@ -1,8 +1,18 @@
 """The captioner protocol, its typed config, spec parsing and caption cleaning.
 
 A captioner turns a batch of PIL images into one string each and names itself. The name is
-what the caption job writes into the dataset's ``captioner`` column, so it identifies both
-the model and the generation settings: two runs with the same name must be comparable.
+what the caption job writes into the dataset's ``captioner`` column, so it identifies the
+model, its dtype, the input size and the generation settings: two runs with the same name
+must be comparable (:func:`captioner_id`).
+
+Captioning is split in two halves so a GPU only ever runs the model:
+
+* ``prepare(images) -> dict[str, np.ndarray]`` (CPU, needs only the processor): resize +
+  normalise + tokenise the prompt. :func:`load_preparer` builds just this half (no weights),
+  so the caption job runs it in cheap CPU tasks next to decoding.
+* ``generate_prepared(inputs) -> list[str]`` (the model's device): generate + decode tokens.
+
+``caption(images)`` is ``generate_prepared(prepare(images))`` in batches.
 
 Captioners are built in the process that uses them (a Ray actor in the caption job), so a
 :class:`CaptionerConfig` is small and picklable and the weights are loaded in ``__init__``.
@@ -17,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 #: Where the built-in captioner (a tiny BLIP trained on the built-in world) is shipped.
@@ -40,6 +51,24 @@ class Captioner(Protocol):
         """One cleaned caption per image, in order."""
         ...
 
+    def prepare(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """Model inputs for ``images`` (CPU work only); every array's first axis is the image."""
+        ...
+
+    def generate_prepared(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """One cleaned caption per row of ``inputs`` (any slice of what :meth:`prepare` returned)."""
+        ...
+
+
+@runtime_checkable
+class Preparer(Protocol):
+    """The CPU half of a captioner: turns images into model inputs; holds no weights."""
+
+    name: str
+
+    def prepare(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        ...
+
 
 @dataclass(frozen=True)
 class CaptionerConfig:
@@ -54,7 +83,7 @@ class CaptionerConfig:
     backend: Backend
     model: str
     device: str = "cpu"
-    dtype: str | None = None  # "fp32" | "fp16" | "bf16"; None = fp32
+    dtype: str | None = None  # "fp32" | "fp16" | "bf16"; None = fp16 on CUDA, fp32 on CPU
     num_beams: int = 3
     max_new_tokens: int = 20
     min_new_tokens: int = 0
@@ -97,9 +126,21 @@ class CaptionerConfig:
         return dataclasses.replace(self, **overrides)
 
     @property
+    def effective_dtype(self) -> str:
+        """The dtype the model runs in: ``dtype``, else half precision on a GPU and fp32 on CPU."""
+        if self.dtype is not None:
+            return self.dtype
+        return "fp16" if self.device.startswith("cuda") else "fp32"
+
+    @property
     def name(self) -> str:
-        """``<model>[<generation settings>]``: the value of the dataset's ``captioner`` column."""
+        """``<model>[<dtype>,<generation settings>]``: the value of the dataset's ``captioner`` column.
+
+        Everything that changes a caption is in it: fp16 and fp32 captions differ, so the dtype
+        is part of the name (the device is not: fp32 on CPU and on GPU agree).
+        """
         settings = [
+            f"dtype={self.effective_dtype}",
             f"beams={self.num_beams}",
             f"max_new={self.max_new_tokens}",
             f"min_new={self.min_new_tokens}",
@@ -113,6 +154,14 @@ class CaptionerConfig:
         for key in sorted(self.extra):
             settings.append(f"{key}={self.extra[key]!r}")
         return f"{self.label or self.model}[{','.join(settings)}]"
+
+
+def captioner_id(config: CaptionerConfig) -> str:
+    """The identity of the captions ``config`` makes (model, dtype, image size, generation settings).
+
+    Equal ids mean comparable captions; the caption job pins it in its output manifest.
+    """
+    return config.name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from alip.captioners.base import CaptionerConfig, CaptionerError
@@ -45,6 +46,34 @@ def default_ofa_python() -> Path:
     """$ALIP_OFA_PYTHON, else the python of :func:`default_ofa_venv`."""
     env = os.environ.get("ALIP_OFA_PYTHON")
     return Path(env) if env else default_ofa_venv() / "bin" / "python"
+
+
+class OFAPreparer:
+    """The CPU half of :class:`OFACaptioner`: bicubic resize to ``image_size`` (the worker's own
+    resize then is a no-op); normalisation stays in the worker, whose torch does it on the device."""
+
+    def __init__(self, config: CaptionerConfig):
+        if config.backend != "ofa":
+            raise CaptionerError(f"OFAPreparer needs backend 'ofa', got {config.backend!r}")
+        if not config.image_size:
+            raise CaptionerError("the ofa backend needs an image_size (see OFA_DEFAULTS)")
+        self.config = config
+        self.name = config.name
+        self.input_size = int(config.image_size)
+
+    def prepare(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        if not isinstance(images, (list, tuple)):
+            raise CaptionerError(f"prepare() takes a list of PIL images, got {type(images).__name__}")
+        side = self.input_size
+        out = np.empty((len(images), side, side, 3), dtype=np.uint8)
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise CaptionerError(f"prepare() item {i} is {type(im).__name__}, expected a PIL.Image")
+            im = im.convert("RGB")
+            if im.size != (side, side):
+                im = im.resize((side, side), Image.Resampling.BICUBIC)
+            out[i] = np.asarray(im)
+        return {"pixels": out}
 
 
 class OFACaptioner:
@@ -126,6 +155,22 @@ class OFACaptioner:
         return reply
 
     # -- protocol -----------------------------------------------------------------------------
+    def prepare(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        return OFAPreparer(self.config).prepare(images)
+
+    def generate_prepared(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """Captions for :meth:`prepare`'s resized pixels (sent to the worker as PNG, lossless)."""
+        pixels = np.asarray(inputs["pixels"], dtype=np.uint8)
+        captions: list[str] = []
+        for start in range(0, len(pixels), self.config.batch_size):
+            pngs = []
+            for arr in pixels[start:start + self.config.batch_size]:
+                buf = io.BytesIO()
+                Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=1)
+                pngs.append(buf.getvalue())
+            captions.extend(self._request({"op": "caption", "images": pngs})["captions"])
+        return captions
+
     def caption(self, images: list[Image.Image]) -> list[str]:
         if not isinstance(images, (list, tuple)):
             raise CaptionerError(f"caption() takes a list of PIL images, got {type(images).__name__}")

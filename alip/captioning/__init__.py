@@ -3,8 +3,9 @@
     from alip.captioning import CaptionJobConfig, run_captioning
     summary = run_captioning(CaptionJobConfig(input="world", output="world-captioned", captioner="builtin"))
 
-Modules: config (typed config), plan (work units, output layout, resume state), unit (decode and
-finish one unit), pipeline (the Ray Data graph), job (driver, summary, CLI). Only pipeline
+Modules: config (typed config), plan (work units, output layout, resume state), manifest (input
+pinning, incremental runs), lease (one writer per output), unit (decode and finish one unit),
+pipeline (the Ray side), job (driver, summary, CLI). Only pipeline
 imports Ray, and only when a run has work to do.
 """
 

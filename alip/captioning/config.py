@@ -34,7 +34,7 @@ class CaptionJobConfig:
     captioner: str = "builtin"  # builtin | blip-large | hf:<id|dir|s3://dir> | ofa:<dir>
     input_format: str = "auto"  # auto | parquet | webdataset
     batch_size: int = 32  # images per captioner forward pass
-    rows_per_unit: int = 512  # max rows per work unit (Parquet shards are split; tars are one unit);
+    rows_per_unit: int = 512  # max rows per work unit (Parquet shards and tars are split into row ranges);
     # a unit travels as one block: memory per unit in flight ~ rows x (encoded + decoded image)
     min_actors: int = 1  # captioning actor pool bounds (Ray Data autoscales between them)
     max_actors: int = 1
@@ -51,7 +51,8 @@ class CaptionJobConfig:
     image_size: int | None = None  # also the size the decode tasks resize to (None: no resize)
     dtype: str | None = None  # fp32 | fp16 | bf16
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected (decompression bombs)
-    ray_address: str | None = None  # None: $RAY_ADDRESS, else a `ray start` cluster here, else local; "local": private
+    max_unit_attempts: int = 3  # captioner crashes/errors an image may cause before it is rejected
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a private local Ray; "auto": a `ray start` cluster here
     overwrite: bool = False  # delete this job's earlier output in `output` and start afresh
     progress: bool = True  # Ray Data progress bars and one line per finished unit
 
@@ -62,7 +63,7 @@ class CaptionJobConfig:
                 raise CaptionJobError(f"{name} must be a non-empty string, got {value!r}")
         if self.input_format not in ("auto", "parquet", "webdataset"):
             raise CaptionJobError(f"input_format must be auto, parquet or webdataset, got {self.input_format!r}")
-        for name in ("batch_size", "rows_per_unit", "min_actors", "max_actors", "max_pixels"):
+        for name in ("batch_size", "rows_per_unit", "min_actors", "max_actors", "max_pixels", "max_unit_attempts"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CaptionJobError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_actors < self.min_actors:

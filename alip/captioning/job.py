@@ -14,9 +14,24 @@ import typing
 from collections.abc import Callable
 
 from alip.captioning.config import CaptionJobConfig
-from alip.captioning.plan import SUCCESS, SUMMARY, OutputLayout, plan_units
-from alip.data.dataset import write_json
-from alip.data.storage import ensure_dir, resolve
+from alip.captioning.lease import OutputLease
+from alip.captioning.manifest import PinnedInput, pin_input
+from alip.captioning.plan import (
+    SUCCESS,
+    SUMMARY,
+    OutputLayout,
+    WorkUnit,
+    check_output_reachable,
+    list_input,
+    plan_shards,
+)
+from alip.captioners import CaptionerConfig, captioner_id
+from alip.data.dataset import shard_versions, write_bytes, write_json
+from alip.data.storage import resolve
+
+
+#: run_pipeline's timing entries (per-actor generate time, start-up): the summary's "timing".
+TIMING_KEYS = ("generate", "first_caption_s", "first_caption_rows")
 
 
 def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = print) -> dict:
@@ -31,29 +46,72 @@ def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = pr
     t_start = time.perf_counter()
     cfg.validate()
     captioner = cfg.captioner_config()
-    fmt, units = plan_units(cfg)
+    fmt, shards = list_input(cfg)
     layout = OutputLayout(cfg.output)
-    ensure_dir(layout.root)
-    if cfg.overwrite:
-        log(f"[caption] --overwrite: removed {layout.clear()} file(s) of an earlier run")
-    manifest = {"input": resolve(cfg.input).uri, "format": fmt, "captioner": captioner.name,
-                "rows_per_unit": cfg.rows_per_unit, "units": len(units)}
-    resumed = layout.check_manifest(manifest)
+    identity = {"input": resolve(cfg.input).uri, "format": fmt, "captioner": captioner_id(captioner),
+                "rows_per_unit": cfg.rows_per_unit}
+    planned: dict[str, list[WorkUnit]] = {}  # shard -> units, planned once even if pinning is redone
+
+    def plan_new(new: list[str]) -> dict[str, list[WorkUnit]]:
+        todo = [s for s in new if s not in planned]
+        if todo:
+            if len(todo) > 1 or fmt == "webdataset":
+                log(f"[caption] planning {len(todo)} new input shard(s)" + (
+                    " (indexing tars: one read of each)" if fmt == "webdataset" else ""))
+            planned.update(plan_shards(fmt, todo, cfg.rows_per_unit))
+        return {s: planned[s] for s in new}
+
+    def pin(existing: dict | None) -> PinnedInput:
+        return pin_input(None if cfg.overwrite else existing, identity, shard_versions(shards), plan_new,
+                         layout.root.uri)
+
+    # Every check that can fail (input changed, other job's output, bad shards) runs before the
+    # output folder is touched; the lease then makes this run the folder's only writer.
+    existing = layout.read_manifest()
+    pinned = pin(existing)
+    with OutputLease(layout.root, log=log) as lease:
+        if cfg.overwrite:
+            log(f"[caption] --overwrite: removed {layout.clear()} file(s) of an earlier run")
+        elif layout.read_manifest() != existing:  # another run changed it between our read and the lease
+            existing = layout.read_manifest()
+            pinned = pin(existing)
+        layout.write_manifest(pinned.manifest)
+        return _caption_pending(cfg, captioner, layout, pinned, existing is not None and not cfg.overwrite,
+                                lease, log, t_start)
+
+
+def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: OutputLayout, pinned: PinnedInput,
+                     resumed: bool, lease: OutputLease, log: Callable[[str], None], t_start: float) -> dict:
+    """The part of :func:`run_captioning` that runs holding the output's lease."""
+    units = pinned.units
     stale = layout.remove_stale_temp_files()
-    done = layout.done_units() & {u.name for u in units}
+    verified, bad = layout.verify_done(units)
+    if bad:
+        shown = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())[:5])
+        log(f"[caption] {len(bad)} committed unit output(s) failed verification and will be redone ({shown}"
+            + (" ..." if len(bad) > 5 else "") + ")")
+        layout.discard(bad)
+    done = set(verified)
     pending = [u for u in units if u.name not in done]
-    skipped_captioned, skipped_rejected = layout.count_rows(sorted(done))
-    log(f"[caption] {cfg.input} ({fmt}) -> {layout.root.uri} with {captioner.name}: {len(units)} unit(s), "
-        f"{len(done)} already done" + (" (resuming)" if resumed else "")
+    skipped_captioned = sum(c for c, _ in verified.values())
+    skipped_rejected = sum(r for _, r in verified.values())
+    added = (f", {len(pinned.added)} shard(s) new since the last run" if resumed and pinned.added else "")
+    log(f"[caption] {cfg.input} ({pinned.manifest['format']}) -> {layout.root.uri} with {captioner.name}: "
+        f"{len(units)} unit(s), {len(done)} already done" + (" (resuming)" if resumed else "") + added
         + (f", {stale} stale temp file(s) removed" if stale else ""))
 
     totals = {"rows": 0, "captioned": 0, "rejected": 0, "units": 0}
+    reject_reasons: dict[str, int] = {}  # this run's rejects by kind (full reasons: _rejects/)
+    events: dict = {}
     t_pipeline = time.perf_counter()
 
     def on_unit(row: dict) -> None:
+        lease.check()  # stop if another run took the output over (this run stalled too long)
         for k in ("rows", "captioned", "rejected"):
             totals[k] += row[k]
         totals["units"] += 1
+        for kind, n in row.get("reject_reasons", {}).items():
+            reject_reasons[kind] = reject_reasons.get(kind, 0) + n
         if cfg.progress:
             rate = totals["captioned"] / max(time.perf_counter() - t_pipeline, 1e-9)
             log(f"[caption] {totals['units']}/{len(pending)} units | {row['unit']}: {row['captioned']} captioned, "
@@ -63,8 +121,11 @@ def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = pr
         from alip.captioning.pipeline import ensure_ray, run_pipeline
 
         ensure_ray(cfg.ray_address)
+        import ray
+
+        check_output_reachable(layout.root, ray.nodes())  # before any unit starts
         t_pipeline = time.perf_counter()
-        run_pipeline(cfg, captioner, pending, on_unit)
+        events = run_pipeline(cfg, captioner, pending, on_unit, say=log)
     pipeline_s = time.perf_counter() - t_pipeline
     layout.remove_stale_temp_files()
     missing = sorted({u.name for u in units} - layout.done_units())
@@ -74,17 +135,22 @@ def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = pr
             "command to finish them"
         )
     summary = {
-        "input": manifest["input"],
+        "input": pinned.manifest["input"],
         "output": layout.root.uri,
         "captioner": captioner.name,
         "units": len(units),
         "units_skipped_as_done": len(done),
+        "units_redone_after_verification": len(bad),
+        "shards_added": len(pinned.added) if resumed else 0,
         "rows_in": totals["rows"] + skipped_captioned + skipped_rejected,
         "rows_captioned": totals["captioned"],
         "rows_rejected": totals["rejected"],
         "rows_skipped_as_done": skipped_captioned + skipped_rejected,
         "output_rows": totals["captioned"] + skipped_captioned,
         "rejected_rows": totals["rejected"] + skipped_rejected,
+        "rejected_by_reason": dict(sorted(reject_reasons.items(), key=lambda kv: -kv[1])),
+        "cluster_events": {k: v for k, v in events.items() if k not in TIMING_KEYS},
+        "timing": {k: v for k, v in events.items() if k in TIMING_KEYS},
         "images_per_s": round(totals["captioned"] / pipeline_s, 2) if totals["captioned"] else 0.0,
         "pipeline_s": round(pipeline_s, 2),
         "elapsed_s": round(time.perf_counter() - t_start, 2),
@@ -94,8 +160,7 @@ def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = pr
         raise RuntimeError(f"row accounting mismatch: input has {planned_rows} rows, outputs account "
                            f"for {summary['rows_in']}")
     write_json(summary, layout.root.child(SUMMARY).uri)
-    with layout.root.fs.open_output_stream(layout.root.child(SUCCESS).path):
-        pass
+    write_bytes(b"", layout.root.child(SUCCESS).uri)
     log(format_summary(summary))
     return summary
 
@@ -109,6 +174,10 @@ def format_summary(s: dict) -> str:
         f"  rows in            {s['rows_in']}",
         f"  captioned          {s['rows_captioned']}",
         f"  rejected           {s['rows_rejected']}",
+        *(f"    {n:>6} x {kind}" for kind, n in s.get("rejected_by_reason", {}).items()),
+        *([f"  cluster            {len(e['nodes_lost'])} node(s) lost, {e['actors_lost']} actor(s) lost, "
+           f"{e['actors_retired']} retired (drain), {e['chunk_failures']} failed call(s), "
+           f"{e['rows_poisoned']} image(s) given up"] if (e := s.get("cluster_events")) else []),
         f"  skipped as done    {s['rows_skipped_as_done']}",
         f"  dataset now        {s['output_rows']} captioned rows, {s['rejected_rows']} rejects",
         f"  images/s           {s['images_per_s']}  (pipeline {s['pipeline_s']} s, total {s['elapsed_s']} s)",

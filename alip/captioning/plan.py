@@ -4,15 +4,19 @@ Output folder layout (local or ``s3://``)::
 
     <output>/<unit>.parquet            captioned rows of one unit (key, image, raw_text, caption,
                                        captioner + passthrough columns) -- the unit's commit marker
-    <output>/_rejects/<unit>.parquet   (key, reason) of that unit's undecodable images
-    <output>/_caption_job.json         manifest: input, captioner id, unit size (pins the plan)
+    <output>/_rejects/<unit>.parquet   (key, reason) of that unit's rejected rows
+    <output>/_caption_job.json         manifest: job identity + every input shard pinned (size,
+                                       etag or mtime) with its units (see alip.captioning.manifest)
+    <output>/_lease.json               the running job's lease (see alip.captioning.lease)
     <output>/_summary.json, _SUCCESS   written once every unit has its output
 
-A unit is an input shard or a fixed row range of one, named deterministically from the shard
-name, so every run of the same job plans the same units. Each file is written atomically
-(temp name + rename locally, a single upload on S3) and the rejects file is written *before*
-the data file, so "the data file exists" means "this unit is completely done" and a crash
-leaves either nothing or a rejects file that the redo overwrites with identical content.
+A unit is a fixed row range of an input shard (Parquet or WebDataset tar), named
+deterministically from the shard name, so every run of the same job plans the same units.
+Each file is committed atomically (:func:`alip.data.dataset.write_bytes`: one PUT on S3, temp
+name + rename locally) and the rejects file is committed *before* the data file, so a data
+file means the unit is done. That is still verified on resume (:meth:`OutputLayout.verify_done`:
+data + rejects rows == the unit's rows, read from the Parquet footers); a short or unreadable
+output is deleted and redone, never trusted.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import pyarrow.parquet as pq
 from alip.captioning.config import CaptionJobConfig, CaptionJobError
 from alip.data.dataset import (
     PARQUET,
+    TEMP_MARK,
     WEBDATASET,
     _from_img2dataset_parquet,
+    index_webdataset,
     list_shards,
     read_json,
     read_shard,
+    read_webdataset_range,
     write_json,
 )
 from alip.data.schema import DatasetSchemaError, canonicalize, validate_table
@@ -48,20 +55,26 @@ _IO_THREADS = 16  # footer reads / listings are latency-bound on S3
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Rows ``[start, stop)`` of ``shard`` (``stop=None``: the whole shard, e.g. a tar)."""
+    """Rows ``[start, stop)`` of ``shard`` (``stop=None``: the whole shard).
+
+    Tar units that are a slice of their tar also carry the byte range holding those samples
+    (``byte_start``/``byte_stop``, from the tar's index), read with one ranged request.
+    """
 
     name: str
     shard: str
     start: int = 0
     stop: int | None = None
-    rows: int | None = None  # known up front for Parquet, None for WebDataset
+    rows: int | None = None  # known for every planned unit (Parquet footer, tar index)
+    byte_start: int | None = None
+    byte_stop: int | None = None
 
     def to_item(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_item(cls, item: dict) -> "WorkUnit":
-        return cls(**{k: item[k] for k in ("name", "shard", "start", "stop", "rows")})
+        return cls(**{k: item.get(k) for k in ("name", "shard", "start", "stop", "rows", "byte_start", "byte_stop")})
 
 
 def _stem(uri: str) -> str:
@@ -89,30 +102,51 @@ def check_parquet_schema(uri: str, schema: pa.Schema) -> None:
         raise CaptionJobError(f"input shard {exc}") from exc
 
 
-def plan_units(cfg: CaptionJobConfig) -> tuple[str, list[WorkUnit]]:
-    """``(format, units)`` for the input dataset, validating every Parquet shard's columns."""
+def list_input(cfg: CaptionJobConfig) -> tuple[str, list[str]]:
+    """``(format, shard URIs)`` of the input dataset."""
     try:
         shards = list_shards(cfg.input, format=cfg.input_format)
     except ValueError as exc:  # StorageError / DatasetError: missing folder, no shards, bad S3
         raise CaptionJobError(f"input {cfg.input!r}: {exc}") from exc
-    fmt = WEBDATASET if shards[0].endswith(".tar") else PARQUET
-    units: list[WorkUnit] = []
-    if fmt == WEBDATASET:
-        # A tar is a forward-only stream with no row index: it is one unit.
-        units = [WorkUnit(_stem(s), s) for s in shards]
-    else:
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            footers = list(pool.map(_parquet_footer, shards))
-        for shard, meta in zip(shards, footers):
-            check_parquet_schema(shard, meta.schema.to_arrow_schema())
-            rows = meta.num_rows
-            n = max(1, math.ceil(rows / cfg.rows_per_unit))
-            if n == 1:
-                units.append(WorkUnit(_stem(shard), shard, 0, rows, rows))
-                continue
-            for i in range(n):
-                start, stop = i * cfg.rows_per_unit, min(rows, (i + 1) * cfg.rows_per_unit)
-                units.append(WorkUnit(f"{_stem(shard)}-{i:05d}", shard, start, stop, stop - start))
+    return (WEBDATASET if shards[0].endswith(".tar") else PARQUET), shards
+
+
+def _row_ranges(rows: int, rows_per_unit: int) -> list[tuple[int, int]]:
+    n = max(1, math.ceil(rows / rows_per_unit))
+    return [(i * rows_per_unit, min(rows, (i + 1) * rows_per_unit)) for i in range(n)]
+
+
+def _parquet_units(shard: str, rows_per_unit: int) -> list[WorkUnit]:
+    meta = _parquet_footer(shard)
+    check_parquet_schema(shard, meta.schema.to_arrow_schema())
+    ranges = _row_ranges(meta.num_rows, rows_per_unit)
+    if len(ranges) == 1:
+        return [WorkUnit(_stem(shard), shard, 0, meta.num_rows, meta.num_rows)]
+    return [WorkUnit(f"{_stem(shard)}-{i:05d}", shard, a, b, b - a) for i, (a, b) in enumerate(ranges)]
+
+
+def _tar_units(shard: str, rows_per_unit: int) -> list[WorkUnit]:
+    """A tar is split into row ranges like a Parquet shard (one streaming read of its headers
+    finds where each sample starts), so a 10k-sample tar is not one multi-GB unit."""
+    try:
+        index = index_webdataset(shard)
+    except ValueError as exc:  # StorageError / DatasetSchemaError naming the tar
+        raise CaptionJobError(f"input shard {exc}") from exc
+    ranges = _row_ranges(index.rows, rows_per_unit)
+    if len(ranges) == 1 or not index.splittable:
+        return [WorkUnit(_stem(shard), shard, 0, None, index.rows)]
+    return [WorkUnit(f"{_stem(shard)}-{i:05d}", shard, a, b, b - a, *index.byte_range(a, b))
+            for i, (a, b) in enumerate(ranges)]
+
+
+def plan_shards(fmt: str, shards: list[str], rows_per_unit: int) -> dict[str, list[WorkUnit]]:
+    """The units of each shard (Parquet footers / tar indexes read in parallel)."""
+    plan = _tar_units if fmt == WEBDATASET else _parquet_units
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        return dict(zip(shards, pool.map(lambda s: plan(s, rows_per_unit), shards)))
+
+
+def check_unique_names(units: list[WorkUnit]) -> None:
     names = [u.name for u in units]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
@@ -120,14 +154,34 @@ def plan_units(cfg: CaptionJobConfig) -> tuple[str, list[WorkUnit]]:
             f"input shards map to the same output name(s) {dup}; rename the input shards "
             f"or use a different --rows-per-unit"
         )
+
+
+def plan_units(cfg: CaptionJobConfig) -> tuple[str, list[WorkUnit]]:
+    """``(format, units)`` for the whole input dataset, validating every Parquet shard's columns."""
+    fmt, shards = list_input(cfg)
+    planned = plan_shards(fmt, shards, cfg.rows_per_unit)
+    units = [u for s in shards for u in planned[s]]
+    check_unique_names(units)
     return fmt, units
 
 
 # ----------------------------------------------------------------------------- reading a unit
 
 def read_unit(unit: WorkUnit) -> pa.Table:
-    """The unit's rows as a canonical table; Parquet reads only the row groups it overlaps."""
-    if unit.stop is None or unit.shard.endswith(".tar"):
+    """The unit's rows as a canonical table; Parquet reads only the row groups it overlaps, a
+    tar slice only its byte range. A shard that no longer has the planned rows is an error."""
+    if unit.shard.endswith(".tar"):
+        if unit.byte_start is not None:
+            table = read_webdataset_range(unit.shard, unit.byte_start, unit.byte_stop)
+        else:
+            table = read_shard(unit.shard)
+        if unit.rows is not None and table.num_rows != unit.rows:
+            raise DatasetSchemaError(
+                f"{unit.shard}: unit {unit.name} should hold {unit.rows} samples but has {table.num_rows}; "
+                "the shard changed since the job was planned"
+            )
+        return table
+    if unit.stop is None:
         return read_shard(unit.shard)
     loc = resolve(unit.shard)
     try:
@@ -178,77 +232,171 @@ class OutputLayout:
             raise StorageError(f"cannot list {loc.uri!r}: {exc}") from exc
 
     def done_units(self) -> set[str]:
-        """Units whose data file exists: those are complete (see the module doc)."""
+        """Units whose data file exists (committed last, so normally complete; see :meth:`verify_done`)."""
         return {
             i.base_name[: -len(".parquet")]
             for i in self._list(self.root)
             if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))
         }
 
-    def remove_stale_temp_files(self) -> int:
-        """Delete temp files a killed writer left behind (local only; S3 uploads are all-or-nothing).
+    def verify_done(self, units: list[WorkUnit]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+        """Check the committed outputs of ``units``: ``(done, bad)``.
 
-        Only call while no writer of this job runs (at start and after the pipeline finished).
+        ``done`` maps a unit to its ``(captioned, rejected)`` rows: its data and rejects files
+        are readable and together hold exactly the unit's rows. ``bad`` maps a unit whose data
+        file exists but fails that check to the reason; it must be redone (:meth:`discard`).
+        """
+        present = self.done_units()
+        todo = [u for u in units if u.name in present]
+
+        def check(unit: WorkUnit) -> tuple[str, tuple[int, int] | None, str | None]:
+            data, why = _footer_rows(self.data_uri(unit.name))
+            if data is None:
+                return unit.name, None, f"data file {why}"
+            rejected, why = _footer_rows(self.rejects_uri(unit.name))
+            if rejected is None:
+                return unit.name, None, f"rejects file {why}"
+            if unit.rows is not None and data + rejected != unit.rows:
+                return unit.name, None, f"{data} captioned + {rejected} rejected rows, the unit has {unit.rows}"
+            return unit.name, (data, rejected), None
+
+        done, bad = {}, {}
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            for name, rows, why in pool.map(check, todo):
+                if rows is None:
+                    bad[name] = why
+                else:
+                    done[name] = rows
+        return done, bad
+
+    def discard(self, names) -> None:
+        """Delete the outputs of units that must be redone (data file first: it is the marker)."""
+        for name in names:
+            for uri in (self.data_uri(name), self.rejects_uri(name)):
+                loc = resolve(uri)
+                if file_type(loc) != pafs.FileType.NotFound:
+                    loc.fs.delete_file(loc.path)
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temp files of local writers that were killed (S3 commits have none: one PUT).
+
+        Only the holder of the output's lease calls this (see :mod:`alip.captioning.lease`):
+        while it holds the lease no other run writes here, so every temp file is a leftover of
+        a dead writer, not one being written by a concurrent run.
         """
         if self.root.is_s3:
             return 0
         removed = 0
         for loc in (self.root, self.rejects):
             for info in self._list(loc):
-                if info.type == pafs.FileType.File and info.base_name.startswith(".") and ".tmp-" in info.base_name:
+                if info.type == pafs.FileType.File and info.base_name.startswith(".") and TEMP_MARK in info.base_name:
                     loc.fs.delete_file(info.path)
                     removed += 1
         return removed
 
     def clear(self) -> int:
-        """Delete everything this job writes (``--overwrite``); other files are left alone."""
+        """Delete everything this job writes (``--overwrite``); other files (and the lease) are left alone."""
         removed = 0
         for loc in (self.root, self.rejects):
             for info in self._list(loc):
                 if info.type == pafs.FileType.File and (
                     info.base_name.endswith(".parquet") or info.base_name in (MANIFEST, SUMMARY, SUCCESS)
-                    or ".tmp-" in info.base_name
+                    or TEMP_MARK in info.base_name
                 ):
                     loc.fs.delete_file(info.path)
                     removed += 1
         return removed
 
-    def check_manifest(self, manifest: dict) -> bool:
-        """Compare with the manifest of an earlier run; write it if there is none.
-
-        Returns True when resuming an earlier run. Raises when the folder holds output of a
-        different job (other input, captioner or unit size), which must not be mixed in.
-        """
+    def read_manifest(self) -> dict | None:
+        """The manifest of an earlier run, None for a fresh folder; a folder that holds Parquet
+        files but no manifest was not written by the caption job and is refused."""
         uri = self.root.child(MANIFEST).uri
-        existing = None
         if file_type(resolve(uri)) != pafs.FileType.NotFound:
-            existing = read_json(uri)
-        elif self.done_units():
+            return read_json(uri)
+        if self.done_units():
             raise CaptionJobError(
                 f"output {self.root.uri!r} already holds Parquet files but no {MANIFEST}: it was not "
                 "written by the caption job. Choose an empty output folder."
             )
+        return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json(manifest, self.root.child(MANIFEST).uri)
+
+    def check_manifest(self, manifest: dict) -> bool:
+        """Compare ``manifest``'s fields with the earlier run's; write it if there is none.
+
+        Returns True when resuming an earlier run. Raises when the folder holds output of a
+        different job (other input, captioner or unit size), which must not be mixed in.
+        """
+        existing = self.read_manifest()
         if existing is not None:
-            diff = {k: (existing.get(k), v) for k, v in manifest.items() if existing.get(k) != v}
-            if diff:
-                details = "; ".join(f"{k}: earlier {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                raise CaptionJobError(
-                    f"output {self.root.uri!r} holds the output of a different caption job ({details}). "
-                    "Use a new output folder, or --overwrite to discard the earlier output."
-                )
+            check_same_job(existing, manifest, self.root.uri)
             return True
-        write_json(manifest, uri)
+        self.write_manifest(manifest)
         return False
 
     def count_rows(self, names: list[str]) -> tuple[int, int]:
         """``(captioned, rejected)`` rows in the outputs of ``names`` (Parquet footers only)."""
         def rows(uri: str) -> int:
-            loc = resolve(uri)
-            if file_type(loc) == pafs.FileType.NotFound:
-                return 0
-            return _parquet_footer(uri).num_rows
+            n, _ = _footer_rows(uri)
+            return n or 0
 
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             data = sum(pool.map(rows, [self.data_uri(n) for n in names]))
             rejected = sum(pool.map(rows, [self.rejects_uri(n) for n in names]))
         return data, rejected
+
+
+def check_same_job(existing: dict, identity: dict, where: str) -> None:
+    """Raise if the earlier manifest ``existing`` differs from ``identity`` in any of its fields."""
+    diff = {k: (existing.get(k), v) for k, v in identity.items() if existing.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: earlier {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise CaptionJobError(
+            f"output {where!r} holds the output of a different caption job ({details}). "
+            "Use a new output folder, or --overwrite to discard the earlier output."
+        )
+
+
+def _footer_rows(uri: str) -> tuple[int | None, str | None]:
+    """``(rows, None)`` from a Parquet file's footer, or ``(None, why)`` if it is missing or unreadable."""
+    loc = resolve(uri)
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.ParquetFile(f).metadata.num_rows, None
+    except FileNotFoundError:
+        return None, "is missing"
+    except (pa.ArrowInvalid, OSError) as exc:
+        if file_type(loc) == pafs.FileType.NotFound:
+            return None, "is missing"
+        return None, f"is unreadable ({str(exc).splitlines()[0][:200]})"
+
+
+def check_output_reachable(output: Location, nodes: list[dict]) -> None:
+    """Refuse a local output folder that the cluster's nodes cannot all reach, before any work.
+
+    ``nodes`` is ``ray.nodes()``. A local path names a different disk on every host, so with
+    nodes on more than one host (told apart by IP address and hostname) each would commit its
+    units to its own disk. Nodes of a simulated cluster on one machine share its disk: valid.
+    """
+    if output.is_s3:
+        return
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    hosts = sorted({(n.get("NodeManagerAddress") or "?", n.get("NodeManagerHostname") or "?") for n in alive})
+    ips = {ip for ip, _ in hosts}
+    names = {name for _, name in hosts}
+    if len(ips) > 1 or len(names) > 1:
+        listed = ", ".join(f"{name} ({ip})" for ip, name in hosts[:5]) + (" ..." if len(hosts) > 5 else "")
+        raise CaptionJobError(
+            f"output {output.uri!r} is a local path, but the Ray cluster's nodes are on {len(hosts)} hosts "
+            f"({listed}): each would write to its own disk. Write to shared storage (s3://bucket/prefix)."
+        )
+    if alive and not any((n.get("Resources") or {}).get(r, 0) > 0 for n in alive for r in ("CPU", "GPU")):
+        # cluster.yaml's head has no CPUs: all work runs on worker nodes that the autoscaler
+        # has yet to start, i.e. on other hosts.
+        raise CaptionJobError(
+            f"output {output.uri!r} is a local path, but no node of the Ray cluster can run work yet "
+            "(an autoscaling head without CPUs?): the workers that will join are other hosts, each "
+            "with its own disk. Write to shared storage (s3://bucket/prefix)."
+        )

@@ -15,11 +15,16 @@ Files whose name starts with ``_`` or ``.`` (manifests, temp files) are never sh
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import os
 import posixpath
+import socket
 import tarfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO
 
 import pyarrow as pa
@@ -35,7 +40,17 @@ from alip.data.schema import (
     canonicalize,
     validate_table,
 )
-from alip.data.storage import Location, StorageError, ensure_dir, file_type, join, resolve
+from alip.data.storage import (
+    CONNECT_TIMEOUT_S,
+    MAX_ATTEMPTS,
+    Location,
+    StorageError,
+    ensure_dir,
+    file_type,
+    join,
+    resolve,
+    s3_endpoint,
+)
 
 PARQUET = "parquet"
 WEBDATASET = "webdataset"
@@ -165,14 +180,33 @@ def _open_input(loc: Location, random_access: bool = False) -> IO[bytes]:
         raise StorageError(f"cannot read {loc.uri!r}: {exc}") from exc
 
 
+def _sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(sample_id, ext)`` of a tar member that can belong to a sample, else None.
+
+    Samples are grouped by the part of the file name before its first dot (the WebDataset
+    convention), so ``000000000.jpg``/``.txt``/``.json`` form one sample.
+    """
+    if not member.isfile():
+        return None
+    dirname, base = posixpath.split(member.name)
+    if _is_hidden(base) or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return posixpath.join(dirname, stem), ext.lower()
+
+
+def _is_sample(exts) -> bool:
+    """A group of members is a sample if it has an image, a .txt or a .json (not e.g. a README)."""
+    return bool(set(exts) & ({"txt", "json"} | set(IMAGE_EXTENSIONS)))
+
+
 def webdataset_to_table(source: str | IO[bytes], where: str | None = None) -> pa.Table:
     """Convert one WebDataset tar (a path/URI or a binary stream) into a canonical table.
 
-    Members are grouped by sample: the part of the file name before its first dot (the
-    WebDataset convention), so ``000000000.jpg``/``.txt``/``.json`` form one sample. The key is
-    the JSON's ``"key"`` if present, else that basename. A sample without an image keeps a
-    null image (it becomes a reject at decode time rather than vanishing); a missing ``.txt``
-    falls back to the JSON's ``"caption"``, then to ``""``. Columns: key, image, raw_text, url.
+    Members are grouped by sample (:func:`_sample_member`). The key is the JSON's ``"key"`` if
+    present, else that basename. A sample without an image keeps a null image (it becomes a
+    reject at decode time rather than vanishing); a missing ``.txt`` falls back to the JSON's
+    ``"caption"``, then to ``""``. Columns: key, image, raw_text, url.
     """
     if isinstance(source, str):
         loc = resolve(source)
@@ -184,14 +218,10 @@ def webdataset_to_table(source: str | IO[bytes], where: str | None = None) -> pa
     try:
         with tarfile.open(fileobj=source, mode="r|*") as tar:  # streaming: works on S3 streams
             for member in tar:
-                if not member.isfile():
+                named = _sample_member(member)
+                if named is None:
                     continue
-                dirname, base = posixpath.split(member.name)
-                if _is_hidden(base) or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                sample_id = posixpath.join(dirname, stem)
-                ext = ext.lower()
+                sample_id, ext = named
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 if sample_id not in samples:
                     samples[sample_id] = {}
@@ -202,6 +232,8 @@ def webdataset_to_table(source: str | IO[bytes], where: str | None = None) -> pa
     keys, images, texts, urls = [], [], [], []
     for sample_id in order:
         parts = samples[sample_id]
+        if not _is_sample(parts):
+            continue  # unrelated file in the tar (e.g. a README), not a sample
         meta = {}
         if "json" in parts:
             try:
@@ -209,8 +241,6 @@ def webdataset_to_table(source: str | IO[bytes], where: str | None = None) -> pa
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DatasetSchemaError(f"{where}: bad JSON for sample {sample_id!r}: {exc}") from exc
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        if image is None and not ({"txt", "json"} & parts.keys()):
-            continue  # unrelated file in the tar (e.g. a README), not a sample
         if "txt" in parts:
             text = parts["txt"].decode("utf-8", errors="replace")
         else:
@@ -223,6 +253,76 @@ def webdataset_to_table(source: str | IO[bytes], where: str | None = None) -> pa
         {KEY: keys, IMAGE: images, RAW_TEXT: texts, "url": urls},
         schema=pa.schema([(KEY, pa.string()), (IMAGE, pa.binary()), (RAW_TEXT, pa.string()), ("url", pa.string())]),
     )
+
+
+@dataclass(frozen=True)
+class TarIndex:
+    """Where each sample of a WebDataset tar starts, so row ranges can be read by byte range.
+
+    ``offsets[i]`` is the byte offset of sample ``i``'s first member header; ``end`` is the
+    offset just past the last member's data. ``splittable`` is False when a byte range would
+    not reproduce the whole-tar grouping (a sample's members are not adjacent, or the tar has
+    global PAX headers that apply to every member): such a tar is read whole.
+    """
+
+    offsets: list[int]
+    end: int
+    splittable: bool
+
+    @property
+    def rows(self) -> int:
+        return len(self.offsets)
+
+    def byte_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Bytes ``[a, b)`` holding exactly samples ``[start, stop)``."""
+        return self.offsets[start], (self.offsets[stop] if stop < self.rows else self.end)
+
+
+def index_webdataset(source: str | IO[bytes], where: str | None = None) -> TarIndex:
+    """Scan a tar's headers (one streaming read) and index its samples (see :class:`TarIndex`)."""
+    if isinstance(source, str):
+        loc = resolve(source)
+        with _open_input(loc) as stream:
+            return index_webdataset(stream, where=loc.uri)
+    first: dict[str, int] = {}
+    exts: dict[str, set[str]] = {}
+    adjacent, last, end = True, None, 0
+    try:
+        with tarfile.open(fileobj=source, mode="r|*") as tar:
+            for member in tar:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                named = _sample_member(member)
+                if named is None:
+                    continue
+                sample_id, ext = named
+                if sample_id not in first:
+                    first[sample_id] = member.offset  # the first header of it (PAX/GNU long-name included)
+                    exts[sample_id] = set()
+                elif sample_id != last:
+                    adjacent = False
+                exts[sample_id].add(ext)
+                last = sample_id
+            global_headers = bool(tar.pax_headers)
+    except tarfile.TarError as exc:
+        raise DatasetSchemaError(f"{where or '<tar stream>'}: not a readable tar file ({exc})") from exc
+    offsets = [off for sid, off in first.items() if _is_sample(exts[sid])]
+    return TarIndex(offsets, end, adjacent and not global_headers)
+
+
+def read_webdataset_range(uri: str, byte_start: int, byte_stop: int) -> pa.Table:
+    """The samples stored in bytes ``[byte_start, byte_stop)`` of a tar (one ranged read)."""
+    loc = resolve(uri)
+    where = f"{loc.uri}[bytes {byte_start}:{byte_stop}]"
+    with _open_input(loc, random_access=True) as f:
+        try:
+            chunk = f.read_at(byte_stop - byte_start, byte_start)
+        except OSError as exc:
+            raise StorageError(f"cannot read {where}: {exc}") from exc
+    if len(chunk) != byte_stop - byte_start:
+        raise DatasetSchemaError(f"{where}: the file is shorter than that; it changed since it was indexed")
+    # The two zero blocks that end a tar archive, so the slice parses as a complete tar.
+    table = webdataset_to_table(io.BytesIO(chunk + b"\0" * (2 * tarfile.BLOCKSIZE)), where=where)
+    return validate_table(canonicalize(table), where=where)
 
 
 def iter_shards(uri: str, columns: list[str] | None = None, format: str = "auto") -> Iterator[tuple[str, pa.Table]]:
@@ -259,45 +359,122 @@ def read_dataset(uri: str, columns: list[str] | None = None, limit: int | None =
 def write_shard(table: pa.Table, uri: str, validate: bool = True, require_caption: bool = False) -> str:
     """Write ``table`` as one Parquet file at ``uri`` atomically; returns ``uri``.
 
-    Local files are written under a hidden temporary name and renamed into place, so readers
-    never see half a shard. On S3 an object only appears once its (single or multipart)
-    upload completes, which is atomic by itself.
+    The file is serialised in memory first, then committed in one step (:func:`write_bytes`):
+    whatever interrupts the writer (an exception, ``SystemExit`` from Ray's SIGTERM, SIGKILL),
+    the file is either complete at ``uri`` or absent.
     """
     if validate:
         validate_table(table, require_caption=require_caption, where=uri)
     if not uri.endswith(".parquet"):
         raise ValueError(f"shard URI must end with .parquet, got {uri!r}")
+    buf = pa.BufferOutputStream()
+    # Small row groups keep streaming readers (Ray Data, iter_batches) memory-friendly.
+    pq.write_table(table, buf, compression="zstd", row_group_size=4096)
+    return write_bytes(buf.getvalue(), uri)
+
+
+#: Marks temp files of :func:`write_bytes` (``.<name>.tmp-<host>-<pid>-<random>``).
+TEMP_MARK = ".tmp-"
+
+
+def write_bytes(data: bytes | pa.Buffer, uri: str) -> str:
+    """Create or replace the file ``uri`` with ``data`` atomically; returns ``uri``.
+
+    * S3: one ``PutObject`` request. The object only exists once S3 has received every byte,
+      and a request cut short (killed process, dropped connection) leaves nothing. (A pyarrow
+      output stream is not safe here: closing it -- which ``with`` does on any exception,
+      ``SystemExit`` included -- completes the upload with whatever was written so far.)
+    * Local: written to a hidden temp file beside it, then renamed into place. A writer killed
+      with SIGKILL leaves only the temp file, which the caption job's lease holder removes.
+    """
     loc = resolve(uri)
     parent, name = posixpath.split(loc.path)
+    if loc.is_s3:
+        bucket, _, key = loc.path.partition("/")
+        body = data.to_pybytes() if isinstance(data, pa.Buffer) else bytes(data)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=body)
+        except Exception as exc:  # botocore's ClientError / connection errors: not OSErrors
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StorageError(f"cannot write {uri!r}: bucket {bucket!r} does not exist") from exc
+            raise StorageError(f"cannot write {uri!r}: {exc}") from exc
+        return loc.uri
     ensure_dir(Location(loc.fs, parent, posixpath.split(loc.uri)[0]))
-    # Small row groups keep streaming readers (Ray Data, iter_batches) memory-friendly.
-    kwargs = dict(compression="zstd", row_group_size=4096)
+    tmp = posixpath.join(parent, f".{name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
-        if loc.is_s3:
-            with loc.fs.open_output_stream(loc.path) as out:
-                pq.write_table(table, out, **kwargs)
-        else:
-            tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-            try:
-                with loc.fs.open_output_stream(tmp) as out:
-                    pq.write_table(table, out, **kwargs)
-                loc.fs.move(tmp, loc.path)
-            finally:
-                if loc.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                    loc.fs.delete_file(tmp)
+        with open(tmp, "wb") as out:
+            out.write(memoryview(data))
+        os.replace(tmp, loc.path)
     except OSError as exc:
         raise StorageError(f"cannot write {uri!r}: {exc}") from exc
+    finally:  # also on SystemExit/KeyboardInterrupt: no half-written temp file stays behind
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return loc.uri
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(endpoint: str | None, region: str):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        region_name=region,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=max(CONNECT_TIMEOUT_S, 60.0),
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def s3_client():
+    """A boto3 S3 client configured like :func:`alip.data.storage.s3_filesystem` (same environment).
+
+    pyarrow's S3 filesystem cannot send single-request uploads or conditional writes
+    (``If-None-Match``/``If-Match``), which atomic commits and the caption job's lease need.
+    Cached per endpoint/region; boto3 clients are thread-safe.
+    """
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3_client(s3_endpoint(), region)
+
+
+def shard_versions(uris: list[str]) -> dict[str, dict]:
+    """What pins each shard's content: ``{uri: {"size": bytes, "etag": ...}}`` on S3 (one listing
+    request per 1000 objects), ``{uri: {"size": bytes, "mtime_ns": ...}}`` locally."""
+    out: dict[str, dict] = {}
+    s3 = [u for u in uris if u.startswith("s3://")]
+    for uri in uris:
+        if not uri.startswith("s3://"):
+            try:
+                st = os.stat(resolve(uri).path)
+            except OSError as exc:
+                raise StorageError(f"cannot stat {uri!r}: {exc}") from exc
+            out[uri] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    by_prefix: dict[tuple[str, str], set[str]] = {}
+    for uri in s3:
+        bucket, _, key = resolve(uri).path.partition("/")
+        by_prefix.setdefault((bucket, posixpath.dirname(key)), set()).add(key)
+    for (bucket, prefix), keys in by_prefix.items():
+        found = {}
+        try:
+            pages = s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=(prefix + "/") if prefix else "", Delimiter="/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"] in keys:
+                        found[obj["Key"]] = {"size": obj["Size"], "etag": obj["ETag"].strip('"')}
+        except Exception as exc:
+            raise StorageError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
+        for key in keys:
+            if key not in found:
+                raise StorageError(f"shard s3://{bucket}/{key} does not exist")
+            out[f"s3://{bucket}/{key}"] = found[key]
+    return {uri: out[uri] for uri in uris}  # in the caller's (shard) order
 
 
 def write_json(obj, uri: str) -> str:
-    """Write a small JSON document (manifests, summaries) to a local path or S3 URI."""
-    loc = resolve(uri)
-    parent = posixpath.split(loc.path)[0]
-    ensure_dir(Location(loc.fs, parent, posixpath.split(loc.uri)[0]))
-    with loc.fs.open_output_stream(loc.path) as out:
-        out.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
-    return loc.uri
+    """Write a small JSON document (manifests, summaries) to a local path or S3 URI, atomically."""
+    return write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"), uri)
 
 
 def read_json(uri: str):

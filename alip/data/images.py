@@ -74,6 +74,12 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         raise ImageDecodeError(f"unrecognised image format (first bytes {bytes(data[:8])!r})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt image: {type(exc).__name__}: {exc}") from exc
+    except MemoryError:
+        raise ImageDecodeError("corrupt image: MemoryError while decoding (claims an absurd size)") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise anything (struct.error, IndexError, ...)
+        # Web data is adversarial: whatever a plugin raises on one image must reject that image,
+        # never the shard (an uncaught error would fail the job on every rerun).
+        raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
 
 
 def decode_batch(

@@ -466,6 +466,14 @@ def generate_world(
     return summary
 
 
+def world_summary_json(summary: Mapping) -> str:
+    """The summary of :func:`generate_world` as the JSON document ``alip world generate`` prints
+    last (after the progress lines), so scripts can read it with ``tail``/``jq``."""
+    import json
+
+    return json.dumps(dict(summary), indent=2, default=str)
+
+
 # ----------------------------------------------------------------------------- evaluation splits
 
 def world_eval_split(task: str, n: int = 600, seed: int = 0, transform: Callable | None = None):

@@ -43,9 +43,12 @@ class DatasetFormatError(ValueError):
     """A dataset folder exists but its contents do not follow the layout it claims."""
 
 
-def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """--data-root, else $ALIP_EVAL_DATA, else ./eval_data."""
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path | str:
+    """--data-root, else $ALIP_EVAL_DATA, else ./eval_data. An ``s3://`` root stays a string
+    (see :mod:`alip.eval.remote`)."""
     root = data_root or os.environ.get(DATA_ROOT_ENV) or "eval_data"
+    if str(root).startswith("s3://"):
+        return str(root).rstrip("/")
     return Path(root).expanduser()
 
 
@@ -149,6 +152,19 @@ def _expected_layouts(spec: DatasetSpec, root: Path, split: str) -> str:
         lines.append(f"  CLIP_benchmark webdataset: {root / 'wds' / w}/{split}/nshards.txt + 0.tar..N.tar "
                      f"(+ classnames.txt, dataset_type.txt beside the split folders)")
     return "\n".join(lines)
+
+
+class _RootPath:
+    """Path-like joining for an s3:// root in error messages (``root / "pets"``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __truediv__(self, name: str) -> "_RootPath":
+        return _RootPath(self.uri.rstrip("/") + "/" + str(name))
+
+    def __str__(self) -> str:
+        return self.uri
 
 
 def _not_found(spec: DatasetSpec, root: Path, split: str) -> DatasetNotFoundError:
@@ -379,6 +395,8 @@ def load_split(name_or_spec: str | DatasetSpec, split: str = "test", data_root: 
         return _world(spec, split, world_n, world_seed)
     root = resolve_data_root(data_root)
     split_names = TEST_SPLITS if split == "test" else (split,)
+    if isinstance(root, str):
+        return _load_remote_split(spec, root, split, split_names)
 
     if spec.kind == RETRIEVAL_KIND:
         for d in spec.dirnames:
@@ -399,3 +417,32 @@ def load_split(name_or_spec: str | DatasetSpec, split: str = "test", data_root: 
                     return _load_wds_retrieval(spec, base, s)
                 return _load_wds_classification(spec, base, s)
     raise _not_found(spec, root, split)
+
+
+def _load_remote_split(spec: DatasetSpec, root: str, split: str, split_names: tuple[str, ...]):
+    """The same layouts, looked up on S3; the matching dataset folder is fetched to the local
+    cache (alip.eval.remote) and read from there by the local loaders."""
+    from pyarrow.fs import FileType
+
+    from alip.eval import remote
+
+    if spec.kind == RETRIEVAL_KIND:
+        for d in spec.dirnames:
+            names = remote.remote_glob(f"{root}/{d}", ".json", prefix="dataset_")
+            if names:
+                base = remote.fetch_folder(f"{root}/{d}")
+                return _load_karpathy(spec, base, base / names[0], split)
+    elif spec.kind != MULTILABEL:
+        for d in spec.dirnames:
+            for s in split_names:
+                if remote.remote_type(f"{root}/{d}/{s}") == FileType.Directory:
+                    base = remote.fetch_folder(f"{root}/{d}")
+                    return _load_imagefolder(spec, base, base / s, split)
+    for w in spec.wds_names:
+        for s in split_names:
+            if remote.remote_type(f"{root}/wds/{w}/{s}/nshards.txt") == FileType.File:
+                base = remote.fetch_folder(f"{root}/wds/{w}")
+                if spec.kind == RETRIEVAL_KIND:
+                    return _load_wds_retrieval(spec, base, s)
+                return _load_wds_classification(spec, base, s)
+    raise _not_found(spec, _RootPath(root), split)

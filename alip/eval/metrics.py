@@ -5,6 +5,10 @@ decision values: only their order matters) and integer ``targets`` of shape (N,)
 except the multi-label ones (VOC2007) whose targets are a binary (N, C) matrix.
 Every function returns a fraction in [0, 1]; the tables print percentages.
 
+Ties are scored pessimistically: a class (or text/image) scored exactly as high as the
+target is ranked ABOVE it. Otherwise a collapsed model (constant scores) would reach 100%
+top-1 and R@1. NaN scores are an error (MetricError), never silently ranked.
+
 Retrieval metrics take an image x text similarity matrix and, for each text, the
 index of the image it describes (several captions per image, as in COCO/Flickr).
 
@@ -24,11 +28,29 @@ class MetricError(ValueError):
     """Inputs that a metric cannot be computed on (wrong shapes, one-class data)."""
 
 
+def _check_no_nan(scores: np.ndarray, what: str = "scores") -> np.ndarray:
+    # NaN compares False with everything, so it would silently rank anywhere (or, with
+    # "strictly higher" counting, at the top): a broken model must fail the evaluation.
+    nan = np.isnan(scores)
+    if nan.any():
+        rows = np.unique(np.nonzero(nan)[0]) if scores.ndim == 2 else np.nonzero(nan)[0]
+        raise MetricError(f"{what} contain {int(nan.sum())} NaN value(s) (first rows: {rows[:5].tolist()}); "
+                          "the model or its features are broken")
+    return scores
+
+
 def _as_2d_scores(scores) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise MetricError(f"scores must be a (N, C) matrix, got shape {scores.shape}")
-    return scores
+    return _check_no_nan(scores)
+
+
+def _pessimistic_rank(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target with every tie placed above it: the number of OTHER
+    classes scoring >= the target's score."""
+    target_scores = scores[np.arange(len(targets)), targets]
+    return (scores >= target_scores[:, None]).sum(axis=1) - 1
 
 
 def _as_labels(targets, n: int, num_classes: int) -> np.ndarray:
@@ -54,22 +76,21 @@ def topk_accuracy(scores, targets, k: int = 1) -> float:
         return float("nan")
     if scores.shape[0] == 0:
         raise MetricError("cannot compute accuracy on an empty set")
-    # Rank of the target = number of classes scored strictly higher; ties count in
-    # the target's favour, the same as torch.topk would on exact ties only by luck.
-    target_scores = scores[np.arange(len(targets)), targets]
-    rank = (scores > target_scores[:, None]).sum(axis=1)
-    return float((rank < k).mean())
+    # Ties rank the target below every tied class (torch.topk would break them by index,
+    # i.e. in the target's favour by luck).
+    return float((_pessimistic_rank(scores, targets) < k).mean())
 
 
 def mean_per_class_recall(scores, targets) -> float:
     """Mean over the classes present in ``targets`` of that class's top-1 recall
-    (CLIP's "mean per class"; identical to sklearn's balanced accuracy)."""
+    (CLIP's "mean per class"; identical to sklearn's balanced accuracy when there are no ties;
+    a tie for the top score counts as a miss, as in :func:`topk_accuracy`)."""
     scores = _as_2d_scores(scores)
     targets = _as_labels(targets, scores.shape[0], scores.shape[1])
     if scores.shape[0] == 0:
         raise MetricError("cannot compute mean per class recall on an empty set")
-    pred = scores.argmax(axis=1)
-    recalls = [float((pred[targets == c] == c).mean()) for c in np.unique(targets)]
+    hit = _pessimistic_rank(scores, targets) == 0
+    recalls = [float(hit[targets == c].mean()) for c in np.unique(targets)]
     return float(np.mean(recalls))
 
 
@@ -85,7 +106,7 @@ def voc11_average_precision(scores, positives) -> float:
     reached at any recall >= t (0 when that recall is never reached). This is the
     VOC2007 devkit definition, not sklearn's step-wise (non-interpolated) AP.
     """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
+    scores = _check_no_nan(np.asarray(scores, dtype=np.float64).ravel())
     positives = np.asarray(positives).astype(bool).ravel()
     if scores.shape != positives.shape:
         raise MetricError(f"scores {scores.shape} and positives {positives.shape} differ in length")
@@ -127,7 +148,7 @@ def roc_auc(scores, targets) -> float:
     column 1 is the positive class (its difference to column 0 is used, which orders
     samples the same way as the softmax probability).
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _check_no_nan(np.asarray(scores, dtype=np.float64))
     if scores.ndim == 2:
         if scores.shape[1] != 2:
             raise MetricError(f"ROC AUC needs a binary problem, got {scores.shape[1]} score columns")
@@ -182,9 +203,10 @@ def retrieval_recalls(
     text_to_image: for each text, the index of the image it captions.
     Image->text: an image is a hit at k when ANY of its captions is in its top k texts.
     Text->image: each caption is a query; a hit when its own image is in its top k.
-    Returns keys ``i2t_r{k}`` and ``t2i_r{k}`` (fractions).
+    Returns keys ``i2t_r{k}`` and ``t2i_r{k}`` (fractions). Ties rank the true item below every
+    tied wrong one (a constant similarity matrix gives R@1 = 0, not 1); NaN is an error.
     """
-    sim = np.asarray(similarity, dtype=np.float32)
+    sim = _check_no_nan(np.asarray(similarity, dtype=np.float32), "similarities")
     t2i = np.asarray(text_to_image, dtype=np.int64)
     if sim.ndim != 2 or sim.shape[1] != len(t2i):
         raise MetricError(f"similarity must be (num_images, num_texts={len(t2i)}), got {sim.shape}")
@@ -194,18 +216,20 @@ def retrieval_recalls(
     if len(np.unique(t2i)) != n_img:
         raise MetricError("every image needs at least one caption for image->text recall")
 
-    # Text -> image: rank of the true image among all images for each caption.
+    # Text -> image: rank of the true image among all images for each caption; every other
+    # image scoring >= the true one is placed above it (the true one itself is the -1).
     true_score = sim[t2i, np.arange(n_txt)]
     t2i_rank = np.empty(n_txt, dtype=np.int64)
     for s in range(0, n_txt, chunk):
         block = sim[:, s : s + chunk]
-        t2i_rank[s : s + chunk] = (block > true_score[None, s : s + chunk]).sum(axis=0)
+        t2i_rank[s : s + chunk] = (block >= true_score[None, s : s + chunk]).sum(axis=0) - 1
 
-    # Image -> text: the best-placed of the image's own captions decides the hit.
+    # Image -> text: the best-placed of the image's own captions decides the hit; every
+    # caption of ANOTHER image scoring >= it is placed above it.
     positive = np.zeros((n_img, n_txt), dtype=bool)
     positive[t2i, np.arange(n_txt)] = True
     best_pos = np.where(positive, sim, -np.inf).max(axis=1)
-    i2t_rank = (sim > best_pos[:, None]).sum(axis=1)
+    i2t_rank = ((sim >= best_pos[:, None]) & ~positive).sum(axis=1)
 
     out: dict[str, float] = {}
     for k in ks:

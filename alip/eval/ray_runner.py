@@ -41,8 +41,9 @@ def run_with_ray(models: Mapping[str, str], jobs: list[tuple[str, str]], options
                  load: Callable[[str], object], ray_address: str | None = None,
                  cpus_per_task: float = 1.0) -> dict[str, dict]:
     """{model label: checkpoint ref} x jobs -> {model label: results dict} (see alip.eval.suite)."""
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+    from alip.ray_setup import connect_ray
+
+    connect_ray(ray_address)  # ray_address / $RAY_ADDRESS attaches (and says where), else a private local Ray
     gpus = ray.cluster_resources().get("GPU", 0)
     resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_task}
     grouped = group_by_dataset(jobs)

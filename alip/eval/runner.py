@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     """One evaluation run. ``checkpoint``/``compare``: an ALIP export dir (local or s3://), an open_clip
-    ``local-dir:`` path, or a model config name (random init, e.g. a baseline sanity check)."""
+    ``local-dir:`` path, or ``random:<config>`` (a random init of that architecture, e.g. a chance-level
+    baseline). ``out_dir`` and ``options.data_root`` may be ``s3://`` (cluster jobs)."""
 
     checkpoint: str
     datasets: list[str] = field(default_factory=lambda: ["world"])
@@ -46,7 +47,7 @@ class EvalConfig:
 
     def __post_init__(self):
         if not self.checkpoint:
-            raise ValueError("checkpoint is required: an export directory, local-dir:<path> or a model config name")
+            raise ValueError("checkpoint is required: an export directory, local-dir:<path> or random:<config>")
         self.jobs = expand_tasks(self.datasets)  # validate names early, before any model is loaded
 
 
@@ -63,7 +64,7 @@ def _load(ref: str, seed: int):
 
     from alip.model import load_model
 
-    torch.manual_seed(seed)  # config names build random models: same seed -> same baseline
+    torch.manual_seed(seed)  # random:<config> builds a random model: same seed -> same baseline
     return load_model(ref)
 
 
@@ -98,10 +99,11 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         "seconds": round(time.time() - t0, 1),
         "table": table,
     }
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, sort_keys=False, default=str))
-    (out / "results.md").write_text(table)
+    # --out may be s3:// (a cluster job's driver has no disk the user can read).
+    from alip.eval.remote import uri_join, write_text
+
+    write_text(uri_join(cfg.out_dir, "results.json"), json.dumps(report, indent=2, sort_keys=False, default=str))
+    write_text(uri_join(cfg.out_dir, "results.md"), table)
     return report
 
 
@@ -115,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         " or a bare dataset name.",
     )
     p.add_argument("--checkpoint", "-c", required=True,
-                   help="ALIP export dir (local or s3://), local-dir:<open_clip dir>, or a model config name")
+                   help="ALIP export dir (local or s3://), local-dir:<open_clip dir>, or random:<config> "
+                   "(random init, a chance-level baseline)")
     p.add_argument("--datasets", "-d", nargs="+", default=["world"], help="suites and/or datasets (default: world)")
     p.add_argument("--name", help="row label for the checkpoint")
     p.add_argument("--compare", help="a second model shown side by side (e.g. the CLIP baseline)")
     p.add_argument("--compare-name", help="row label for --compare")
-    p.add_argument("--out", default="runs/eval", help="output dir for results.json and results.md")
-    p.add_argument("--data-root", help=f"evaluation data root (default: ${DATA_ROOT_ENV} or ./eval_data)")
+    p.add_argument("--out", default="runs/eval", help="output dir (local or s3://) for results.json and results.md")
+    p.add_argument("--data-root", help=f"evaluation data root, local or s3:// (default: ${DATA_ROOT_ENV} or "
+                   "./eval_data); S3 datasets are cached per worker in $ALIP_EVAL_CACHE (~/.cache/alip/eval)")
     p.add_argument("--no-ray", action="store_true", help="run in this process instead of one Ray task per dataset")
     p.add_argument("--ray-address", help="Ray cluster to attach to (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per Ray task on GPU-less clusters")
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report["table"])
     n_err = sum(len(m["results"]["errors"]) for m in report["models"].values())
     n_ok = sum(len(m["results"][p]) for m in report["models"].values() for p in ("zeroshot", "linear_probe", "retrieval"))
-    print(f"[eval] {n_ok} results, {n_err} not evaluated, {report['seconds']}s -> {Path(cfg.out_dir) / 'results.json'}")
+    print(f"[eval] {n_ok} results, {n_err} not evaluated, {report['seconds']}s -> "
+          f"{cfg.out_dir.rstrip('/')}/results.json")
     if n_err:
         for m in report["models"].values():
             for job, msg in m["results"]["errors"].items():

@@ -70,14 +70,17 @@ def classify(model, classifier: torch.Tensor, images: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top-1, top-5 (top-k capped at the class count) and mean per-class recall."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    top1 = (topk[:, 0] == labels).float()
-    recalls = [float(top1[labels == c].mean()) for c in labels.unique()]
-    return {"top1": float(top1.mean()), "top5": float((topk == labels[:, None]).any(1).float().mean()),
-            "mean_per_class_recall": sum(recalls) / len(recalls)}
+    """top-1, top-5 (top-k capped at the class count) and mean per-class recall.
+
+    The metrics of alip.eval.metrics: ties rank the target below every tied class and NaN
+    logits are an error (a collapsed model must not score 100%)."""
+    from alip.eval.metrics import mean_per_class_recall, topk_accuracy
+
+    scores = torch.as_tensor(logits).detach().float().cpu().numpy()
+    targets = torch.as_tensor(labels, dtype=torch.long).cpu().numpy()
+    return {"top1": topk_accuracy(scores, targets, 1),
+            "top5": topk_accuracy(scores, targets, min(5, scores.shape[1])),
+            "mean_per_class_recall": mean_per_class_recall(scores, targets)}
 
 
 @torch.no_grad()

@@ -1,21 +1,32 @@
 """The Ray Train pretraining job: driver side (validate, build the trainer, export, evaluate) and the
 per-worker loop. The math lives in alip.training / alip.loss; this file only wires Ray around it.
 
-Data: the captioned Parquet dataset -> Ray Data (decode + augment + tokenise in CPU tasks) ->
-`get_dataset_shard("train").iter_torch_batches(per-worker batch)`. Gates and loss are computed over
-the global batch by ALIPLoss (all_gather across the DDP workers).
+Data: the captioned Parquet dataset, read as a stream of row groups in a seeded permutation per
+epoch (alip.pretrain.stream) -> Ray Data (decode + augment + tokenise in CPU tasks) ->
+`get_dataset_shard("train").iter_torch_batches(rank's share of the global batch)`. Gates and loss
+are computed over the global batch by ALIPLoss (all_gather across the DDP workers).
 
-Fault tolerance: rank 0 checkpoints every `checkpoint_every` steps via `ray.train.report`;
-FailureConfig(max_failures) restarts a dead worker group from the latest checkpoint, and re-running
-the same command with the same run name and storage path resumes (Ray Train V2 restores the run's
-checkpoint state from storage). A checkpoint holds model, optimiser, scheduler, gate momentum state,
-step, data position (epoch, batches consumed) and the metric history.
+Elastic and fault tolerant (Ray Train V2):
+- `num_workers: 2-8` is `ScalingConfig(num_workers=(2, 8))`: the run starts once 2 workers are
+  placed; a lost node restarts the group smaller from the latest checkpoint, and Ray Train grows
+  it back (same restart) when nodes return. The global batch G never changes: with W workers rank
+  r takes `split_global_batch(G, W)[r]` rows, and the schedule (total steps) depends on G only.
+- Every `preemption_check_every` steps all ranks call `ray.train.get_preemption_info()`; on a
+  notice (a node drained with reason PREEMPTION, e.g. by `alip spot-watch`) rank 0 writes a
+  just-in-time checkpoint at once, uploaded asynchronously, and training goes on until the node
+  goes. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
+- A checkpoint holds model, optimiser, scheduler, gate momentum state and `position.json` (step,
+  global samples consumed, the metrics log's offset): no metric history, so every checkpoint has
+  the same size. When a worker group starts, the dataset factory reads the `position.json` of the
+  checkpoint Ray Train restores and the stream begins at its first unconsumed row group: nothing
+  already trained on is read or decoded again, except what was in flight.
+Re-running the same command (same run name and storage path) resumes the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -31,66 +42,79 @@ from alip.data.schema import CAPTION, IMAGE, KEY, RAW_TEXT
 from alip.data.storage import join, resolve
 from alip.model import create_model, export_open_clip, model_config
 from alip.pretrain.config import PretrainConfig
-from alip.pretrain.metrics import MetricsLog, plot_history
+from alip.pretrain.metrics import MetricsLog, plot_history, read_history
+from alip.pretrain.data import trainer_batch_options
+from alip.pretrain.stream import (
+    ReadUnit, latest_registered_position, plan_reads, read_items, rows_to_plan, total_steps, units_of_shard,
+)
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
 TRAINER_FILE = "trainer.pt"
 POSITION_FILE = "position.json"
-HISTORY_FILE = "metrics.jsonl"
+READ_COLUMNS = [KEY, IMAGE, RAW_TEXT, CAPTION]
 
 
 class PretrainConfigError(ValueError):
     """The job cannot start: raised on the driver before any worker is launched."""
 
 
+def split_global_batch(global_batch_size: int, world_size: int) -> list[int]:
+    """Rank r's share of the global batch (alip.training's rule, kept here too so the job also
+    runs against a trainer that predates it): G // W, plus one row for the first G % W ranks."""
+    try:
+        from alip.training import split_global_batch as split
+    except ImportError:
+        base, extra = divmod(global_batch_size, world_size)
+        return [base + (1 if r < extra else 0) for r in range(world_size)]
+    return split(global_batch_size, world_size)
+
+
 # ----------------------------------------------------------------------------- driver checks
 
-def inspect_dataset(uri: str) -> tuple[list[str], int]:
-    """Shard URIs and total row count of a captioned dataset (Parquet metadata only, no data read).
-    Fails clearly when the dataset is missing or has no `caption` column."""
+def inspect_dataset(uri: str) -> tuple[list[ReadUnit], int]:
+    """Read units (row groups) and total row count of a captioned dataset (Parquet metadata only,
+    no data read). Fails clearly when the dataset is missing or has no `caption` column."""
     try:
         shards = list_shards(uri, format="parquet")
     except ValueError as e:
         raise PretrainConfigError(f"training data {uri!r}: {e}") from e
     if not shards:
         raise PretrainConfigError(f"training data {uri!r} has no Parquet shards")
-    rows = 0
+    units: list[ReadUnit] = []
     for shard in shards:
         loc = resolve(shard)
         with loc.fs.open_input_file(loc.path) as f:
             meta = pq.ParquetFile(f).metadata
             names = set(meta.schema.to_arrow_schema().names)
-            rows += meta.num_rows
-        missing = {KEY, IMAGE, RAW_TEXT, CAPTION} - names
+        missing = set(READ_COLUMNS) - names
         if missing:
             hint = " (caption it first: `alip caption --input ... --output ...`)" if CAPTION in missing else ""
             raise PretrainConfigError(f"training data shard {shard} lacks column(s) {sorted(missing)}{hint}")
-    return shards, rows
+        units += units_of_shard(shard, meta)
+    return units, sum(u.rows for u in units)
 
 
-def plan_steps(cfg: PretrainConfig, rows: int) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps). Every worker gets rows // workers rows (Ray's equal split)
-    and takes whole per-worker batches; the global batch is fixed whatever the worker count."""
-    per_worker_rows = rows // cfg.num_workers
-    steps_per_epoch = per_worker_rows // cfg.per_worker_batch_size
-    if steps_per_epoch < 1:
+def plan_steps(cfg: PretrainConfig, rows: int) -> int:
+    """Total steps of the run: epochs x rows // G (or --max-steps), whatever the worker count."""
+    if rows < cfg.train.global_batch_size:
         raise PretrainConfigError(
             f"dataset has {rows} rows: fewer than one global batch of {cfg.train.global_batch_size}; "
             "use a smaller --global-batch-size or more data"
         )
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    return steps_per_epoch, total
+    return total_steps(rows, cfg.train.epochs, cfg.train.global_batch_size, cfg.train.max_steps)
 
 
-def validate(cfg: PretrainConfig) -> tuple[list[str], int, int, int]:
-    cfg.validate()
+def validate(cfg: PretrainConfig) -> tuple[list[ReadUnit], int, int]:
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise PretrainConfigError(str(e)) from e
     try:
         model_config(cfg.train.model)
     except ValueError as e:
         raise PretrainConfigError(str(e)) from e
-    shards, rows = inspect_dataset(cfg.data)
-    steps_per_epoch, total = plan_steps(cfg, rows)
-    return shards, rows, steps_per_epoch, total
+    units, rows = inspect_dataset(cfg.data)
+    return units, rows, plan_steps(cfg, rows)
 
 
 # ----------------------------------------------------------------------------- data path
@@ -107,125 +131,262 @@ def _preprocess(batch: dict, image_size: int, context_length: int, seed: int) ->
     return _preprocessor(image_size, context_length, seed)(batch)
 
 
-def build_dataset(cfg: PretrainConfig, shards: list[str]):
+def build_dataset(cfg: PretrainConfig, items: list[dict]):
+    """The stream as a Ray Data pipeline: one read task per planned unit (row group, from its first
+    unconsumed row), then decode + augment + tokenise in CPU tasks. Order is preserved (see
+    `_ingest_options`), so the stream is consumed as a prefix and a position is a row count."""
     import ray.data
 
-    model_cfg = model_config(cfg.train.model)
-    size = model_cfg["vision_cfg"]["image_size"]
-    size = size if isinstance(size, int) else size[0]
-    ctx_len = model_cfg.get("text_cfg", {}).get("context_length", 77)
-    loc = resolve(shards[0])
-    paths = [resolve(s).path for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=[KEY, IMAGE, RAW_TEXT, CAPTION])
+    from alip.pretrain.data import with_epoch
+
+    size, ctx_len = _geometry(cfg)
+
+    def read_unit(batch: dict, columns: list[str]):
+        # batch_size=1: one planned unit per call. Its rows carry the unit's epoch to the
+        # preprocessor, which seeds each row's augmentation with (seed, epoch, key): reproducible,
+        # and a fresh crop of every image each epoch.
+        epoch = int(batch["epoch"][0])
+        for part in read_items(batch, columns):
+            yield with_epoch(part, epoch)
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.data_cpus, batch_format="numpy",
+                        fn_kwargs={"columns": READ_COLUMNS})
     return ds.map_batches(
         _preprocess, batch_size=64, num_cpus=cfg.data_cpus, batch_format="numpy",
         fn_kwargs={"image_size": size, "context_length": ctx_len, "seed": cfg.train.seed},
     )
 
 
+def _geometry(cfg: PretrainConfig) -> tuple[int, int]:
+    model_cfg = model_config(cfg.train.model)
+    size = model_cfg["vision_cfg"]["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    return size, model_cfg.get("text_cfg", {}).get("context_length", 77)
+
+
+def dataset_factory(job: dict, units: list[ReadUnit], steps: int):
+    """Called by Ray Train each time a worker group starts (first start, after a failure, a
+    preemption or a resize): begins the stream at the position of the checkpoint the group will
+    restore, read from that checkpoint's position.json in the run's storage."""
+    cfg = PretrainConfig.from_dict({**job, "train": TrainConfig.from_dict(job["train"])})
+    position = latest_registered_position(join(cfg.storage_path, cfg.run_name), POSITION_FILE) or {}
+    start_step = int(position.get("step", 0))
+    G = cfg.train.global_batch_size
+    start_sample = int(position.get("samples", start_step * G))
+    items = plan_reads(units, cfg.train.seed, start_sample, rows_to_plan(steps - start_step, G, cfg.max_workers))
+    print(f"[pretrain] data stream starts at step {start_step}, global sample {start_sample} "
+          f"(epoch {items[0]['epoch']}, {len(items)} row groups planned)", flush=True)
+    return build_dataset(cfg, items)
+
+
+def _ingest_options():
+    """Ray Train's ingest defaults, with the stream's order preserved."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def shuffle_rows(cfg: PretrainConfig) -> int:
+    """The local shuffle buffer in rows, from its byte bound (uint8 pixels + two token rows)."""
+    size, ctx_len = _geometry(cfg)
+    per_sample = 3 * size * size + 2 * ctx_len * 8
+    return int(cfg.shuffle_buffer_mb * 2**20 // per_sample)
+
+
 # ----------------------------------------------------------------------------- worker loop
 
-def _log_dir(cfg: PretrainConfig) -> str:
-    if cfg.storage_path.startswith("s3://"):
-        return os.path.join(tempfile.gettempdir(), "alip-logs", cfg.run_name)
-    return os.path.join(cfg.storage_path, cfg.run_name, "logs")
+def _read_position(checkpoint) -> tuple[dict, str]:
+    with checkpoint.as_directory() as d:
+        path = Path(d) / POSITION_FILE
+        position = json.loads(path.read_text()) if path.exists() else {}
+        trainer_path = os.path.join(d, TRAINER_FILE)
+        tmp = tempfile.mkdtemp(prefix="alip-restore-")
+        shutil.copy(trainer_path, tmp)
+    return position, os.path.join(tmp, TRAINER_FILE)
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import logging
+
     import ray.train
     import ray.train.torch
-
-    import logging
+    from ray.train import CheckpointUploadMode
 
     # Ray Train logs every report() at INFO with all metrics; our progress line says it shorter.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)  # Ray sets the workers' root logger to INFO (open_clip is chatty)
     cfg = PretrainConfig.from_dict({**config["job"], "train": TrainConfig.from_dict(config["job"]["train"])})
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    steps = config["total_steps"]
+    G = cfg.train.global_batch_size
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if world != cfg.num_workers:
-        raise RuntimeError(f"expected {cfg.num_workers} workers, got {world}")
+    share = split_global_batch(G, world)[rank]
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
     model = create_model(cfg.train.model, init_temperature=cfg.train.init_temperature)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    trainer = ALIPTrainer(cfg.train, model, total_steps, rank=rank, world_size=world, device=device)
+    trainer = ALIPTrainer(cfg.train, model, steps, rank=rank, world_size=world, device=device)
 
-    history: list[dict] = []
+    position: dict = {}
     restored = ray.train.get_checkpoint()
     if restored:
-        with restored.as_directory() as d:
-            load_training_checkpoint(trainer, os.path.join(d, TRAINER_FILE))
-            history_path = Path(d) / HISTORY_FILE
-            if history_path.exists():
-                history = [json.loads(line) for line in history_path.read_text().splitlines() if line]
+        position, trainer_file = _read_position(restored)
+        load_training_checkpoint(trainer, trainer_file)
+        shutil.rmtree(os.path.dirname(trainer_file), ignore_errors=True)
+        if position and int(position.get("step", trainer.step)) != trainer.step:
+            raise RuntimeError(f"checkpoint position.json says step {position.get('step')}, "
+                               f"its trainer state says {trainer.step}")
         if rank == 0:
-            print(f"[pretrain] resumed from checkpoint at step {trainer.step}/{total_steps} "
-                  f"(gate state {trainer.gate_state.to_dict()})", flush=True)
-    metrics_log = MetricsLog(_log_dir(cfg), total_steps, cfg.log_every, history) if rank == 0 else None
+            print(f"[pretrain] resumed from checkpoint at step {trainer.step}/{steps} "
+                  f"(gate state {trainer.gate_state.to_dict()}) with {world} worker(s)", flush=True)
+    elif rank == 0:
+        print(f"[pretrain] starting with {world} worker(s): rank shares {split_global_batch(G, world)} "
+              f"of the global batch {G}", flush=True)
+    run_uri = join(cfg.storage_path, cfg.run_name)
+    metrics_log = MetricsLog(run_uri, steps, cfg.log_every, trainer.step, position.get("metrics_offset")) \
+        if rank == 0 else None
 
-    def save_and_report(metrics: dict) -> None:
-        epoch, consumed = divmod(trainer.step, steps_per_epoch)
+    def checkpoint_and_report(metrics: dict, reason: str) -> None:
+        """Rank 0 writes the checkpoint; every rank reports (Ray Train's report is collective).
+        ASYNC upload: training continues while the files go to storage."""
         if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
+            ray.train.report({"step": trainer.step, "reason": reason}, checkpoint=None,
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_training_checkpoint(trainer, os.path.join(tmp, TRAINER_FILE))
-            Path(tmp, POSITION_FILE).write_text(json.dumps(
-                {"step": trainer.step, "epoch": epoch, "batches_consumed_in_epoch": consumed,
-                 "per_worker_batch_size": cfg.per_worker_batch_size, "num_workers": world}))
-            Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in metrics_log.history))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        offset = metrics_log.commit(trainer.step)
+        tmp = tempfile.mkdtemp(prefix="alip-ckpt-")  # deleted by Ray once uploaded
+        save_training_checkpoint(trainer, os.path.join(tmp, TRAINER_FILE))
+        Path(tmp, POSITION_FILE).write_text(json.dumps(
+            {"step": trainer.step, "samples": trainer.step * G, "global_batch_size": G,
+             "epoch": trainer.step * G // config["rows"], "num_workers": world, "metrics_offset": offset}))
+        ray.train.report({"step": trainer.step, "reason": reason, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     shard = ray.train.get_dataset_shard("train")
-    per_worker = cfg.per_worker_batch_size
-    while trainer.step < total_steps:
-        epoch, skip = divmod(trainer.step, steps_per_epoch)
-        # Data position: on resume, the batches this epoch already trained on are skipped (read and
-        # decoded, never trained on). Every worker takes exactly steps_per_epoch steps per epoch and
-        # drains the rest, so collective calls stay in lockstep.
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch + 1000 * rank if cfg.shuffle_buffer else None,
-        )
-        for index, batch in enumerate(batches):
-            if index < skip or index >= steps_per_epoch or trainer.step >= total_steps:
+    buffer_rows = shuffle_rows(cfg) if cfg.shuffle_buffer_mb else 0
+    batches = shard.iter_torch_batches(
+        batch_size=share, drop_last=True, local_shuffle_buffer_size=buffer_rows or None,
+        # A fresh shuffle per rank and per restart point, reproducible from the seed.
+        local_shuffle_seed=(cfg.train.seed * 1_000_003 + trainer.step * 131 + rank) if buffer_rows else None,
+        **trainer_batch_options(device),  # uint8 images, 2 batches prefetched, pinned memory on CUDA
+    )
+    notice_seen = None  # the preemption notice a just-in-time checkpoint was already written for
+    last_call = None  # the notice's last-moment checkpoint, once written
+    timer = _StepTimer()
+    last_metrics: dict = {}
+    for batch in batches:
+        if trainer.step >= steps:
+            break  # --max-steps / end of schedule: stop reading at once
+        timer.start()
+        result = trainer.train_step(batch["image"], batch["raw_tokens"], batch["caption_tokens"])
+        last_metrics = dict(result.metrics)
+        if metrics_log is not None:
+            metrics_log.log(trainer.step, {"epoch": trainer.step * G // config["rows"], **last_metrics}, samples=G)
+        timer.stop_step()
+        if trainer.step % cfg.preemption_check_every == 0 or trainer.step == steps:
+            info = ray.train.get_preemption_info()  # a barrier: every rank calls it at the same steps
+            if info is not None and info != notice_seen and trainer.step < steps:
+                notice_seen, last_call = info, None
+                if rank == 0:
+                    left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else float("nan")
+                    print(f"[pretrain] preemption notice for node(s) {info.preempted_node_ids} "
+                          f"(ranks {info.preempted_ranks}, {left:.0f}s left): just-in-time checkpoint "
+                          f"at step {trainer.step}", flush=True)
+                with timer.checkpoint():
+                    checkpoint_and_report(_host(last_metrics), "preemption")
                 continue
-            result = trainer.train_step(batch["image"], batch["raw_tokens"], batch["caption_tokens"])
-            metrics = {"epoch": epoch, **result.metrics}
-            if metrics_log is not None:
-                metrics_log.log(trainer.step, metrics, samples=cfg.train.global_batch_size)
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == total_steps:
-                save_and_report({"step": trainer.step, **metrics})
+        if notice_seen is not None and last_call is None and trainer.step < steps \
+                and _last_moment(notice_seen, timer, rank, world, device):
+            # Training went on after the notice; just before the deadline, keep those steps too.
+            last_call = trainer.step
+            if rank == 0:
+                print(f"[pretrain] last checkpoint before the preemption deadline at step {trainer.step}", flush=True)
+            with timer.checkpoint():
+                checkpoint_and_report(_host(last_metrics), "preemption")
+            continue
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == steps:
+            with timer.checkpoint():
+                checkpoint_and_report(_host(last_metrics), "final" if trainer.step == steps else "periodic")
+    if trainer.step < steps:
+        raise RuntimeError(f"the data stream ended at step {trainer.step} of {steps}")
     if metrics_log is not None:
         metrics_log.close()
+
+
+class _StepTimer:
+    """Seconds per step and per checkpoint (moving averages): how close to a preemption deadline
+    the last checkpoint can be left."""
+
+    def __init__(self):
+        self.step_s, self.ckpt_s, self._t = None, None, None
+
+    @staticmethod
+    def _ema(old, new):
+        return new if old is None else 0.7 * old + 0.3 * new
+
+    def start(self):
+        self._t = time.perf_counter()
+
+    def stop_step(self):
+        self.step_s = self._ema(self.step_s, time.perf_counter() - self._t)
+
+    @contextlib.contextmanager
+    def checkpoint(self):
+        t = time.perf_counter()
+        yield
+        self.ckpt_s = self._ema(self.ckpt_s, time.perf_counter() - t)
+
+
+def _last_moment(info, timer: _StepTimer, rank: int, world: int, device) -> bool:
+    """Is this the last step at which a checkpoint still lands (written, then uploaded) before the
+    preemption deadline? Rank 0 decides from its timings and broadcasts the decision, so every
+    rank reports together (a report is collective). A tiny broadcast per step, only while a
+    notice is pending."""
+    now_or_never = False
+    if rank == 0 and info.deadline_ms and timer.step_s is not None:
+        left = info.deadline_ms / 1000 - time.time()
+        # Two more steps + a checkpoint (the async upload takes about as long as the write).
+        now_or_never = left < 2 * timer.step_s + 3 * (timer.ckpt_s or timer.step_s)
+    if world == 1 or not torch.distributed.is_initialized():
+        return now_or_never
+    flag = torch.tensor([1 if now_or_never else 0], dtype=torch.int32, device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _host(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        out[k] = float(v) if isinstance(v, torch.Tensor) else v
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
 
 def _ensure_ray() -> None:
-    import ray
+    from alip.ray_setup import connect_ray
 
-    if not ray.is_initialized():
-        # Attaches to a running cluster (RAY_ADDRESS / `ray job submit`) or starts a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None)
+    # $RAY_ADDRESS (`ray job submit`, a test's cluster) attaches; otherwise a private local Ray.
+    connect_ray()
 
 
 def run_training(cfg: PretrainConfig):
     """Validate, then fit with Ray Train. Returns (result, summary dict)."""
-    shards, rows, steps_per_epoch, total_steps = validate(cfg)
+    units, rows, steps = validate(cfg)
     _ensure_ray()
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
+    G = cfg.train.global_batch_size
+    workers = f"{cfg.min_workers}-{cfg.max_workers} (elastic)" if cfg.elastic else str(cfg.max_workers)
     print(f"[pretrain] run {cfg.run_name!r}: {cfg.train.objective} on {cfg.train.model}, {rows} rows in "
-          f"{len(shards)} shard(s), {cfg.num_workers} worker(s) x batch {cfg.per_worker_batch_size} "
-          f"= global {cfg.train.global_batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps; "
+          f"{len(units)} row group(s), {workers} worker(s), global batch {G}, {steps} steps; "
           f"storage {cfg.storage_path}/{cfg.run_name}", flush=True)
     storage = resolve(cfg.storage_path)
     if not storage.is_s3:
@@ -234,25 +395,39 @@ def run_training(cfg: PretrainConfig):
         name=cfg.run_name,
         storage_path=storage.path,
         storage_filesystem=storage.fs if storage.is_s3 else None,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        # Crashes use up max_failures; node preemptions (drained with reason PREEMPTION) do not.
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=-1),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
     )
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **_extra_worker_resources()}
     scaling = ray.train.ScalingConfig(
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-        resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        num_workers=(cfg.min_workers, cfg.max_workers) if cfg.elastic else cfg.max_workers,
+        use_gpu=cfg.use_gpu, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
+        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows},
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": build_dataset(cfg, shards)},
+        datasets={"train": functools.partial(dataset_factory, cfg.to_dict(), units, steps)},
+        # Blocks go to the rank with the fewest rows in arrival order, not to the node that holds
+        # them: that keeps the stream a prefix and the global batches the same at every worker
+        # count (the blocks are small preprocessed uint8 rows; moving one costs little next to a step).
+        dataset_config=ray.train.DataConfig(execution_options=_ingest_options(), enable_shard_locality=False),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     summary = {"run_name": cfg.run_name, "objective": cfg.train.objective, "model": cfg.train.model,
-               "total_steps": total_steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+               "total_steps": steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     return result, summary
+
+
+def _extra_worker_resources() -> dict:
+    """Custom resources each train worker asks for, from ALIP_TRAIN_WORKER_RESOURCES (JSON), e.g.
+    '{"trainer": 1}' so that each node of a simulated cluster hosts exactly one worker."""
+    raw = os.environ.get("ALIP_TRAIN_WORKER_RESOURCES")
+    return json.loads(raw) if raw else {}
 
 
 def finish_run(cfg: PretrainConfig, checkpoint, summary: dict) -> dict:
@@ -262,8 +437,7 @@ def finish_run(cfg: PretrainConfig, checkpoint, summary: dict) -> dict:
     run_uri = join(cfg.storage_path, cfg.run_name)
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, TRAINER_FILE), map_location="cpu", weights_only=False)
-        history_path = Path(d) / HISTORY_FILE
-        history = [json.loads(x) for x in history_path.read_text().splitlines() if x] if history_path.exists() else []
+    history = read_history(run_uri, upto_step=int(state["step"]))
     model = create_model(state["model_name"])
     model.load_state_dict(state["model"])
     model.eval()
@@ -272,10 +446,11 @@ def finish_run(cfg: PretrainConfig, checkpoint, summary: dict) -> dict:
     out_local = Path(tempfile.mkdtemp(prefix="alip-run-")) if run_uri.startswith("s3://") else Path(run_uri)
     if history:
         summary["plot"] = str(plot_history(history, out_local / "training.png", title=f"{cfg.run_name} ({cfg.train.objective})"))
-        (out_local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        if run_uri.startswith("s3://"):  # the whole log in one file beside the segments
+            (out_local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         last = history[-1]
-        summary["final_metrics"] = {k: last[k] for k in ("loss", "loss_raw", "loss_caption", "fraction_caption_over_raw")
-                                    if k in last}
+        summary["final_metrics"] = {k: last[k] for k in ("loss", "loss_raw", "loss_caption", "infonce_raw",
+                                                         "infonce_caption", "fraction_caption_over_raw") if k in last}
     if cfg.export:
         export_open_clip(model, out_local / "export")
         summary["export"] = join(run_uri, "export")

@@ -3,7 +3,10 @@
     config.py      ServeConfig: limits, batching, cache, auth (typed, validated)
     inputs.py      client input -> model input; every mistake a ClientError with its 4xx status
     middleware.py  ASGI body-size limit (declared and chunked) and bearer-token auth
-    cache.py       async LRU of class text features keyed by (labels, templates)
+    cache.py       async LRU of class text features keyed by (labels, templates); the last waiter
+                   to go away cancels the computation
+    classes.py     zero-shot class features in bounded, cancellable batches of prompts
+    openai_compat.py  OpenAI-compatible POST /v1/embeddings (texts and data: URL images)
     encoder.py     Encoder (model + preprocessing) and LocalBackend (no cross-request batching)
     schemas.py     pydantic request/response models = the OpenAPI schema
     api.py         create_app(backend, config, page_html): the FastAPI routes
@@ -24,9 +27,10 @@ def __getattr__(name):  # keep `import alip.serving` light: FastAPI/torch load o
 
 
 def run_local(model: str, host: str = "127.0.0.1", port: int = 8000, settings: dict | None = None,
-              num_replicas: int | None = None, num_cpus: int | None = None) -> None:
-    """`alip serve --model ...`: start Ray + Serve with serve/app.py of this checkout; blocks until
-    Ctrl-C. `settings` are ServeConfig fields; `num_replicas=None` means autoscaling (1-4)."""
+              num_replicas: int | None = None, num_cpus: float | None = None) -> None:
+    """`alip serve --model ...`: start a private local Ray + Serve with serve/app.py of this checkout;
+    blocks until Ctrl-C. `settings` are ServeConfig fields; `num_replicas=None` means autoscaling
+    (1-4); `num_cpus` is CPUs PER REPLICA (default 1; Ray itself gets every CPU of the machine)."""
     import sys
     from pathlib import Path
 

@@ -4,6 +4,11 @@ Zero-shot classification encodes labels x templates texts (10 labels x 80 ImageN
 800 text forwards) but apps ask about the same label sets again and again, so the [D, C] class
 matrix is cached. Concurrent misses on the same key share one computation instead of each
 encoding the same 800 texts.
+
+The computation runs as a task of its own, shared by its waiters: one waiter that goes away (its
+request cancelled because the client disconnected) does not stop it for the others, but when the
+last waiter has gone the computation is cancelled too, so a miss nobody waits for costs nothing
+more.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ class AsyncLRUCache(Generic[V]):
         self.maxsize = maxsize
         self._data: OrderedDict[Hashable, V] = OrderedDict()
         self._pending: dict[Hashable, asyncio.Future] = {}
+        self._waiters: dict[Hashable, int] = {}
+        self.cancelled = 0  # computations stopped because every waiter had gone
         self.hits = 0
         self.misses = 0
 
@@ -31,7 +38,8 @@ class AsyncLRUCache(Generic[V]):
         return key in self._data
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._data), "maxsize": self.maxsize, "hits": self.hits, "misses": self.misses}
+        return {"entries": len(self._data), "maxsize": self.maxsize, "hits": self.hits, "misses": self.misses,
+                "cancelled": self.cancelled}
 
     async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
         if key in self._data:
@@ -48,7 +56,18 @@ class AsyncLRUCache(Generic[V]):
             task = asyncio.ensure_future(compute())
             self._pending[key] = task
             task.add_done_callback(lambda t, key=key: self._finish(key, t))
-        return await asyncio.shield(task)
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._waiters.get(key) == 1 and not task.done():
+                task.cancel()  # the last waiter went away: nobody needs the result
+                self.cancelled += 1
+            raise
+        finally:
+            self._waiters[key] -= 1
+            if not self._waiters[key]:
+                del self._waiters[key]
 
     def _finish(self, key: Hashable, task: asyncio.Future) -> None:
         self._pending.pop(key, None)

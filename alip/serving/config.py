@@ -27,14 +27,24 @@ class ServeConfig:
     max_image_pixels: int = 24_000_000
     max_images: int = 32
     max_texts: int = 256
+    #: Decoded pixels (width x height from each header, summed) across all images of one request,
+    #: checked before any image is decoded -> 413. 32 images of 24 Mpx would be ~2.3 GB of RGB.
+    max_request_pixels: int = 48_000_000
     max_labels: int = 256
     max_templates: int = 100
+    #: Characters per label, and labels x templates prompts per classify request (each prompt is
+    #: one text forward on a class-cache miss) -> 422.
+    max_label_chars: int = 200
+    max_class_prompts: int = 8192
     #: Characters per text, checked before tokenising (tokenising a 10 MB string is itself slow).
+    #: Filled-in prompts are checked arithmetically, before any string is built.
     max_text_chars: int = 2000
     # --- batching (Serve's @serve.batch, images and texts separately) ---
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
-    # --- class text-feature cache (LRU keyed by (labels, templates)) ---
+    # --- class text features: computed in batches of this many prompts (a cancelled request
+    # stops between batches), cached in an LRU keyed by (labels, templates) ---
+    class_batch_size: int = 256
     class_cache_size: int = 128
     # --- runtime ---
     torch_threads: int = 0  # 0: leave torch's default (Ray sets OMP_NUM_THREADS from num_cpus)
@@ -42,8 +52,9 @@ class ServeConfig:
     auth_token: str | None = None
 
     def __post_init__(self) -> None:
-        positive = ("max_body_bytes", "max_image_pixels", "max_images", "max_texts", "max_labels",
-                    "max_templates", "max_text_chars", "max_batch_size", "class_cache_size")
+        positive = ("max_body_bytes", "max_image_pixels", "max_request_pixels", "max_images", "max_texts",
+                    "max_labels", "max_templates", "max_label_chars", "max_class_prompts", "max_text_chars",
+                    "max_batch_size", "class_batch_size", "class_cache_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

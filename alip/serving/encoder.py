@@ -3,16 +3,17 @@
 `Encoder` is synchronous and Ray-free. A *backend* gives the HTTP layer async, list-in/list-out
 access to it: `LocalBackend` runs each request's list as one forward in a worker thread (tests,
 single-process use); the Ray Serve deployment (serve/app.py) instead feeds items one by one into
-`@serve.batch` queues so that concurrent requests share forwards.
+`@serve.batch` queues so that concurrent requests share forwards. Class features (zero-shot
+prompts) are encoded by `alip.serving.classes` in bounded batches through `encode_prompts`.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol, Sequence
 
 import torch
 
-from alip.eval.zeroshot import build_classifier
 from alip.model import ALIPModel, get_tokenizer, image_transform
 
 
@@ -52,10 +53,27 @@ class Encoder:
         """[N, L] token ids -> [N, D] L2-normalised (trimmed to the longest text, exact)."""
         return self.model.encode_text(tokens.to(self.device), normalize=True).float().cpu()
 
-    @torch.inference_mode()
-    def class_features(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """[D, C]: the zero-shot helper's prompt-ensemble classifier, unchanged."""
-        return build_classifier(self.model, self.tokenizer, list(labels), list(templates)).float().cpu()
+    def probe(self) -> dict:
+        """Readiness: a real forward of one tiny image and one text through both towers.
+
+        Catches what a constant check cannot: weights that went non-finite, a broken device, a
+        tokenizer or transform that no longer fits the model. Raises RuntimeError on failure.
+        """
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        pixels = self.transform(Image.new("RGB", (8, 8), (127, 127, 127)))[None]
+        img = self.encode_images(pixels)
+        txt = self.encode_texts(self.tokenize(["a photo"]))
+        for name, emb in (("image", img), ("text", txt)):
+            if emb.shape != (1, self.model.embed_dim) or not bool(torch.isfinite(emb).all()):
+                raise RuntimeError(f"readiness probe: the {name} tower gave {tuple(emb.shape)} "
+                                   f"with non-finite values or the wrong size")
+            if abs(float(emb.norm()) - 1.0) > 1e-3:
+                raise RuntimeError(f"readiness probe: the {name} embedding is not unit-norm ({float(emb.norm()):.4f})")
+        if not torch.isfinite(torch.tensor(self.logit_scale)):
+            raise RuntimeError("readiness probe: logit_scale is not finite")
+        return {"ok": True, "ms": round(1000 * (time.perf_counter() - t0), 1), "at": time.time()}
 
 
 class Backend(Protocol):
@@ -67,8 +85,8 @@ class Backend(Protocol):
     async def embed_texts(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Token rows [L] each -> [N, D]."""
 
-    async def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-        """[D, C] class text features."""
+    async def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One batch of class-prompt tokens [N, L] -> [N, D] (alip.serving.classes loops over batches)."""
 
 
 class LocalBackend:
@@ -83,5 +101,5 @@ class LocalBackend:
     async def embed_texts(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         return await asyncio.to_thread(self.encoder.encode_texts, torch.stack(tokens))
 
-    async def class_features(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-        return await asyncio.to_thread(self.encoder.class_features, labels, templates)
+    async def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return await asyncio.to_thread(self.encoder.encode_texts, tokens)

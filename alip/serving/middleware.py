@@ -18,9 +18,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+                503: "overloaded_error"}
+
+
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    """The one JSON error shape every 4xx of the service uses."""
-    return {"error": {"status": status, "code": code, "message": message}}
+    """The one JSON error shape every 4xx of the service uses (`type` as OpenAI clients expect)."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"status": status, "code": code, "message": message, "type": kind}}
 
 
 async def send_json_error(send: Send, status: int, code: str, message: str,
@@ -92,6 +97,33 @@ class BodySizeLimitMiddleware:
             return await receive()  # later calls wait for the disconnect, as the server would
 
         await self.app(scope, replay, send)
+
+
+class ProxyControlHeaderGuard:
+    """400 for the headers with which Ray Serve's proxy lets a request change its own limits.
+
+    Ray Serve 2.60's proxy honours `x-request-timeout-seconds` (a value <= 0 DISABLES the request
+    timeout, a large one extends it) and `x-request-disconnect-disabled: ?1` (the request keeps
+    running after its client has gone) from any client: meant for a trusted load balancer, they
+    would let an anonymous client defeat the timeout and the cancellation this service relies on.
+    The replica sees the same headers, so such requests are refused here, before any work.
+    """
+
+    HEADERS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {k.lower() for k, _ in scope.get("headers") or []}
+            sent = [h.decode() for h in self.HEADERS if h in names]
+            if sent:
+                return await send_json_error(
+                    send, 400, "forbidden_header",
+                    f"header(s) {sent} change the server's request timeout or disconnect handling and are "
+                    "not accepted from clients; remove them")
+        await self.app(scope, receive, send)
 
 
 class BearerTokenMiddleware:

@@ -1,6 +1,8 @@
 """Request/response models of the HTTP API (they are the OpenAPI schema, with examples)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 #: a 2x2 red PNG: small enough to paste into the OpenAPI "try it out" box
@@ -75,6 +77,65 @@ class ErrorDetail(BaseModel):
     status: int
     code: str = Field(examples=["text_too_long"])
     message: str
+    type: str = Field(description="OpenAI-style error class: invalid_request_error, authentication_error, ...",
+                      examples=["invalid_request_error"])
+
+
+# ---------------------------------------------------------------- OpenAI-compatible /v1/embeddings
+class ImageURL(BaseModel):
+    url: str = Field(description="A data: URL (data:image/png;base64,...). The service does not fetch http(s) URLs.")
+
+
+class ContentPart(_Strict):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str = Field(examples=["user"])
+    content: str | list[ContentPart]
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request; `messages` is vLLM's multimodal form (one embedding per request)."""
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | list[str] | None = Field(
+        default=None,
+        description="A string or a list of strings. A string that is a data:image/...;base64, URL is embedded "
+                    "as an image, any other string as text. Token-id arrays are not supported.",
+        examples=[["a photo of a red square", "data:image/png;base64," + EXAMPLE_PNG_B64]])
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        description="vLLM's chat form for CLIP-style models: one user message whose content is one "
+                    "image_url part or one text part; gives one embedding. Use either input or messages.")
+    model: str | None = Field(default=None, description="The served model's id (GET /v1/models); optional.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: each vector as little-endian float32 bytes, base64-encoded (as OpenAI).")
+    dimensions: int | None = Field(
+        default=None, ge=1,
+        description="Only the model's own embedding size is accepted: CLIP-style embeddings are not trained "
+                    "to be truncated, so a shorter vector would silently lose accuracy.")
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="L2-normalised vector, or its base64 float32 bytes.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the text inputs (start/end tokens included); images add none.")
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ErrorResponse(BaseModel):
