@@ -111,7 +111,9 @@ def test_preemption_notice_writes_a_just_in_time_checkpoint(cluster, captioned, 
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 
-    steps = 80
+    # Enough steps that the run is still training when the deadline passes and the node goes
+    # (alone on this 2-core machine it trains about 5 steps/s; 80 steps finished before the deadline).
+    steps = 300
     log = tmp_path / "job.log"
     # Periodic checkpoints far apart: only the checkpoints written for the notice can keep progress.
     proc = start_job(elastic_args(captioned, tmp_path, "preempt", steps, "--checkpoint-every", "1000",

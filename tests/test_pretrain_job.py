@@ -63,9 +63,11 @@ def test_dataset_without_caption_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- Ray Train: 2 workers == 1
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open bug: through Ray Data the 2-worker run is not even deterministic "
-                   "(step-1 loss 0.442713 and 0.442603 in two runs vs 0.442374 for 1 worker, on a dataset that is "
-                   "exactly one global batch); the math alone is pinned by tests/test_distributed_equivalence.py")
+@pytest.mark.xfail(strict=False, reason="open bug: the stream plans slack rows past the last step "
+                   "(alip.pretrain.stream.rows_to_plan) and Ray Data's streaming_split deals blocks to whichever "
+                   "rank asks first, so a rank's first batch may hold next-epoch rows: the 2-worker run is not even "
+                   "deterministic (step-1 loss 0.442713 / 0.442603 vs 0.442374 for 1 worker); the math alone is "
+                   "pinned by tests/test_distributed_equivalence.py")
 def test_two_workers_equal_one_worker_through_the_real_job(tmp_path):
     """The real run_training -> train_loop_per_worker -> Ray Data path, 1 worker vs 2. The dataset is
     exactly one global batch (128 rows, G = 128), so every step trains on ALL rows whatever the worker
