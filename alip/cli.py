@@ -1,10 +1,12 @@
-"""`alip world|caption|pretrain|eval|serve|demo`: one command, the same functions the Ray jobs use.
+"""`alip world|caption|pretrain|eval|explore|serve|demo`: one command, the same functions the Ray jobs use.
 
     alip world generate --out data/world --n 256 --noise 0.5 --seed 0
     alip caption --help          # Ray Data captioning (ray_jobs/caption.py)
     alip pretrain --help         # Ray Train pretraining (ray_jobs/pretrain.py)
     alip eval --help             # evaluation suites (ray_jobs/evaluate.py)
+    alip explore --help          # per-sample gate scores for the /explore page (ray_jobs/explore.py)
     alip serve --model runs/alip-tiny/export
+    alip cam --models A B --out grid.png   # Grad-CAM maps side by side + pointing game
     alip demo                    # the whole pipeline on the built-in world (what `make demo` runs)
     alip spot-watch              # on a cluster worker: EC2 spot notice -> drain this Ray node
 """
@@ -55,6 +57,12 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _explore(argv: list[str]) -> int:
+    from alip.explore.job import main
+
+    return main(argv)
+
+
 def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alip serve", description="Serve an exported ALIP/open_clip model "
                                 "over HTTP (Ray Serve + FastAPI) on a local Ray; Ctrl-C stops it.")
@@ -64,14 +72,26 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=None, help="fixed replica count (default: autoscale 1-4)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica")
+    p.add_argument("--explore", action="append", default=[], metavar="PATH",
+                   help="an `alip explore` scores file, or a folder of them (local or s3://), for the /explore "
+                        "page; repeatable. Only these are ever read")
+    p.add_argument("--cam-grid", default=None, metavar="PNG", help="a CAM grid PNG (`alip cam`) shown on /explore")
     args = p.parse_args(argv)
     from alip.serving import run_local
 
+    settings = {k: v for k, v in (("explore_roots", args.explore), ("cam_grid", args.cam_grid)) if v}
     try:
-        run_local(args.model, host=args.host, port=args.port, num_replicas=args.replicas, num_cpus=args.num_cpus)
+        run_local(args.model, host=args.host, port=args.port, settings=settings or None,
+                  num_replicas=args.replicas, num_cpus=args.num_cpus)
     except ValueError as e:
         p.error(str(e))
     return 0
+
+
+def _cam(argv: list[str]) -> int:
+    from alip.cam import main
+
+    return main(argv)
 
 
 def _demo(argv: list[str]) -> int:
@@ -87,8 +107,8 @@ def _spot_watch(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"world": _world, "caption": _caption, "pretrain": _pretrain, "eval": _eval,
-            "serve": _serve, "demo": _demo, "spot-watch": _spot_watch}
+COMMANDS = {"world": _world, "caption": _caption, "pretrain": _pretrain, "eval": _eval, "explore": _explore,
+            "serve": _serve, "cam": _cam, "demo": _demo, "spot-watch": _spot_watch}
 
 
 def main(argv: list[str] | None = None) -> int:

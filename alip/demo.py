@@ -2,7 +2,9 @@
 
     generate the world -> caption it with the built-in captioner (Ray Data job)
     -> pretrain ALIP and, identically, a CLIP baseline (Ray Train, 2 workers, tiny preset)
-    -> zero-shot accuracy of both side by side, with where the plots and exported models are.
+    -> zero-shot accuracy of both side by side, with where the plots and exported models are
+    -> where each model looks: a Grad-CAM grid and the pointing game (alip.cam).
+    -> per-sample gate scores of the captioned world for the /explore page (alip.explore).
 
     .venv/bin/python -m alip.demo                  # defaults: 6000 samples, 50% unrelated raw texts
     .venv/bin/python -m alip.demo --n 20000 --epochs 8
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -89,11 +90,63 @@ def main(argv: list[str] | None = None) -> dict:
           f"captioner {caption_summary['captioner']}")
     for o, s in summaries.items():
         print(f"{o}: {s['final_step']} steps in {s['seconds']}s | plot {s.get('plot')} | export {s.get('export')}")
+    cam_summary = cam_step(summaries, out, seed=args.seed)
+    explore_summary = explore_step(summaries, captioned_dir, out)
+    served = summaries.get('alip', next(iter(summaries.values())))
+    serve_flags = (f" --explore {explore_summary['out']}" if explore_summary else "") + \
+        (f" --cam-grid {cam_summary['grid']}" if cam_summary else "")
     print(f"total {time.perf_counter() - t_start:.0f}s. Serve the ALIP model with:\n"
-          f"  .venv/bin/alip serve --model {summaries.get('alip', next(iter(summaries.values()))).get('export')}")
-    report = {"caption": caption_summary, "runs": summaries}
+          f"  .venv/bin/alip serve --model {served.get('export')}{serve_flags}")
+    if cam_summary:
+        print(cam_line(cam_summary))
+    if explore_summary:
+        print(explore_line(explore_summary))
+    report = {"caption": caption_summary, "runs": summaries, "cam": cam_summary, "explore": explore_summary}
     (out / "demo_summary.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def cam_step(summaries: dict, out: Path, seed: int = 0, pointing_game: int = 500) -> dict | None:
+    """Where each model looks (alip.cam): Grad-CAM grid + pointing game on held-out world scenes,
+    when both ALIP and CLIP were trained and exported; None otherwise."""
+    if not ({"alip", "clip"} <= summaries.keys() and all(summaries[o].get("export") for o in ("alip", "clip"))):
+        return None
+    from alip.cam import CamConfig, run_cam
+
+    print(f"\n=== class activation maps, ALIP vs CLIP (Grad-CAM; pointing game on {pointing_game} held-out "
+          f"world scenes) ===")
+    # The untrained model is the reference: on these flat scenes raw saliency alone finds objects.
+    untrained = "random:" + str(summaries["alip"].get("model") or "alip-tiny")
+    return run_cam(CamConfig(models=[str(summaries[o]["export"]) for o in ("alip", "clip")] + [untrained],
+                             names=["ALIP", "CLIP", "untrained"], out=str(Path(out) / "cam" / "grid.png"),
+                             n=8, pointing_game=pointing_game, seed=seed))
+
+
+def explore_step(summaries: dict, captioned_dir: Path, out: Path) -> dict | None:
+    """Per-sample gate scores of the captioned world with the ALIP model (alip.explore), for /explore."""
+    export = summaries.get("alip", {}).get("export")
+    if not export:
+        return None
+    from alip.explore.job import ExploreConfig, run_explore
+
+    print("\n=== data explorer: which raw texts does ALIP distrust? (Ray Data, alip explore) ===")
+    return run_explore(ExploreConfig(model=str(export), data=str(captioned_dir),
+                                     out=str(Path(out) / "explore" / "scores.parquet")))
+
+
+def explore_line(summary: dict) -> str:
+    fig = summary.get("truth", {}).get(summary["caption_columns"][0])
+    truth = (f" | unrelated raw texts among the 10% lowest W_s {fig['unrelated_lowest_w_s']:.1%} vs the 10% highest "
+             f"{fig['unrelated_highest_w_s']:.1%}" if fig else "")
+    return (f"explorer scores: {summary['out']}{truth}\n  explorer page: http://127.0.0.1:8000/explore "
+            f"(after the `alip serve ... --explore` command above)")
+
+
+def cam_line(cam_summary: dict) -> str:
+    pg = cam_summary["pointing_game"]
+    return (f"CAM grid: {cam_summary['grid']} | pointing game (n={pg['n']}): "
+            + ", ".join(f"{k} {v['pct']:.1f}%" for k, v in pg["models"].items())
+            + f", random point {pg['random_baseline_pct']:.1f}% | summary {cam_summary['summary_path']}")
 
 
 if __name__ == "__main__":

@@ -286,9 +286,14 @@ def image_transform(model: ALIPModel | str | int, train: bool):
     ])
 
 
-def export_open_clip(model: ALIPModel, out_dir: str | os.PathLike) -> Path:
+def export_open_clip(model: ALIPModel, out_dir: str | os.PathLike, gates: dict | None = None) -> Path:
     """Write the model in open_clip's local-dir layout; `open_clip.create_model_and_transforms(
-    "local-dir:" + out_dir)` and `alip.model.load_model(out_dir)` both load it."""
+    "local-dir:" + out_dir)` and `alip.model.load_model(out_dir)` both load it.
+
+    `gates`: the run's final gate settings, stored under the config's "alip" section (open_clip
+    ignores that section) so that `alip explore` scores samples with the momentum means the model
+    ended training with: {"state": GateState.to_dict(), "sharpness": ..., "momentum": ...,
+    "objective": ..., "step": ...}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.image_size
@@ -296,7 +301,7 @@ def export_open_clip(model: ALIPModel, out_dir: str | os.PathLike) -> Path:
         "model_cfg": model.model_cfg,
         "preprocess_cfg": {"size": size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
                            "interpolation": "bicubic", "resize_mode": "shortest"},
-        "alip": {"model_name": model.model_name},
+        "alip": {"model_name": model.model_name, **({"gates": dict(gates)} if gates else {})},
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
     # Write to temporary names and rename: a reader never sees a half-written export.
@@ -369,6 +374,19 @@ def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cp
         raise ModelLoadError(f"could not load {ref}: {e}") from e
     name = config.get("alip", {}).get("model_name", "local-dir:" + str(local))
     return ALIPModel(clip, name, config["model_cfg"])
+
+
+def export_metadata(path: str | os.PathLike) -> dict:
+    """The "alip" section of an export's config (model_name, and "gates" when the run stored them)."""
+    ref = str(path)
+    if ref.startswith("local-dir:"):
+        ref = ref[len("local-dir:"):]
+    if not ref.startswith("s3://") and not Path(ref).exists():
+        raise ModelLoadError(f"model {ref!r} does not exist (expected an export folder with {EXPORT_CONFIG})")
+    cfg_path = _localise(ref) / EXPORT_CONFIG
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{ref} has no {EXPORT_CONFIG}: not an open_clip/ALIP export directory")
+    return dict(json.loads(cfg_path.read_text()).get("alip") or {})
 
 
 def load_weights_strict(model: ALIPModel, weights_path: str | os.PathLike) -> None:

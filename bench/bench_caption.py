@@ -63,14 +63,16 @@ def bare_loop(inp: str, out: str, spec: str, batch_size: int, threads: int) -> d
     torch.set_num_threads(threads)
     captioner = load_captioner(spec, batch_size=batch_size)
     load_s = time.perf_counter() - t0
+    rows = 0
     for shard in list_shards(inp):
         kept, images, _rejects = decode_table(read_shard(shard))
         captions = captioner.caption(images)
         kept = kept.append_column("caption", pa.array(captions, pa.string()))
         kept = kept.append_column("captioner", pa.array([captioner.name] * kept.num_rows, pa.string()))
         write_shard(kept, f"{out}/{os.path.basename(shard)}", require_caption=True)
+        rows += kept.num_rows
     total = time.perf_counter() - t0
-    return {"seconds": total, "startup_s": load_s, "steady_s": total - load_s}
+    return {"seconds": total, "startup_s": load_s, "steady_s": total - load_s, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- "before": serial actor
@@ -162,27 +164,59 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=2, help="rounds of all variants, order rotating")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.n < 1:
+        p.error("--n and --rounds must be >= 1")
 
     import ray
 
+    def say(line: str = "") -> None:
+        print(line, flush=True)  # each figure as soon as it is measured (the full run takes minutes)
+
     tmp = tempfile.mkdtemp(prefix="bench-caption-")
+    t0 = time.perf_counter()
     generate_world(f"{tmp}/world", args.n, shard_size=args.shard_size, log=None)
     spec = pick_captioner(tmp)
     torch.set_num_threads(args.threads)
-    load_captioner(spec).caption([Image.new("RGB", (64, 64))])  # warm-up: lazy imports, first-call init
+    warm = load_captioner(spec)
+    warm.caption([Image.new("RGB", (64, 64))])  # warm-up: lazy imports, first-call init
+    say(f"world of {args.n} images generated in {time.perf_counter() - t0:.1f} s; captioner {warm.name}, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPUs, torch threads {args.threads}, actors {args.actors}, "
+        f"units of {args.rows_per_unit} rows, {args.rounds} round(s)")
     t0 = time.perf_counter()
     init_local_ray(num_cpus=os.cpu_count(), log_to_driver=False, log=lambda _m: None)
     init_s = time.perf_counter() - t0
+    say(f"ray.init {init_s:.1f} s (one-time, not counted)")
 
     variants = {"bare": lambda out: bare_loop(f"{tmp}/world", out, spec, args.batch_size, args.threads),
                 "serial": lambda out: serial_actor_job(f"{tmp}/world", out, spec, args),
                 "job": lambda out: caption_job(f"{tmp}/world", out, spec, args)}
+    labels = {"bare": "bare loop (read+decode+caption+write)", "serial": "serial actor (before)",
+              "job": "caption job (after)"}
     names = list(variants)
-    results: list[tuple[int, str, dict]] = []
+    say(f"\n{'round':<7}{'variant':<40}{'seconds':>9}{'images/s':>10}{'generate %':>12}{'start-up s':>12}")
+    per_round = []
     for r in range(args.rounds):
+        got = {}
         # Rotate the order so a load change on the shared machine hits every variant alike.
         for variant in names[r % 3:] + names[:r % 3]:
-            results.append((r, variant, variants[variant](f"{tmp}/{variant}-{r}")))
+            res = got[variant] = variants[variant](f"{tmp}/{variant}-{r}")
+            frac = f"{100 * res['generate_fraction']:.0f}%" if "generate_fraction" in res else "-"
+            start = f"{res['startup_s']:.1f}" if "startup_s" in res else "-"
+            say(f"{r:<7}{labels[variant]:<40}{res['seconds']:>9.1f}{res['rows'] / res['seconds']:>10.1f}"
+                f"{frac:>12}{start:>12}")
+        job, bare = got["job"], got["bare"]
+        if not job["rows"] == bare["rows"] == got["serial"]["rows"]:
+            raise RuntimeError(f"variants captioned different row counts: { {v: g['rows'] for v, g in got.items()} }")
+        pr = {
+            "job_over_bare": bare["seconds"] / job["seconds"],
+            "steady_job_over_bare": (job["steady_rows"] / job["steady_s"]) / (bare["rows"] / bare["steady_s"]),
+            "job_startup_s": job["startup_s"], "bare_startup_s": bare["startup_s"],
+            "generate_fraction_before": got["serial"]["generate_fraction"],
+            "generate_fraction_after": job["generate_fraction"],
+        }
+        per_round.append(pr)
+        say(f"{'':<7}round {r}: steady-state job / bare {pr['steady_job_over_bare']:.2f}, "
+            f"whole run {pr['job_over_bare']:.2f}")
     ray.shutdown()
 
     def captions(out: str) -> dict:
@@ -190,37 +224,17 @@ def main(argv: list[str] | None = None) -> dict:
         return dict(zip(t.column("key").to_pylist(), t.column("caption").to_pylist()))
 
     same = captions(f"{tmp}/bare-0") == captions(f"{tmp}/job-0") == captions(f"{tmp}/serial-0")
-    n = next(res["rows"] for _, v, res in results if v == "job")
-    print(f"\ncaptioner {next(res['captioner'] for _, v, res in results if v == 'job')}, {n} images, "
-          f"batch {args.batch_size}, {os.cpu_count()} CPUs, torch threads {args.threads}, actors {args.actors}, "
-          f"units of {args.rows_per_unit} rows")
-    print(f"{'round':<7}{'variant':<40}{'seconds':>9}{'images/s':>10}{'generate %':>12}")
-    labels = {"bare": "bare loop (read+decode+caption+write)", "serial": "serial actor (before)",
-              "job": "caption job (after)"}
-    for r, variant, res in results:
-        frac = f"{100 * res['generate_fraction']:.0f}%" if "generate_fraction" in res else "-"
-        print(f"{r:<7}{labels[variant]:<40}{res['seconds']:>9.1f}{n / res['seconds']:>10.1f}{frac:>12}")
-    per_round = []
-    for r in range(args.rounds):
-        got = {v: res for rr, v, res in results if rr == r}
-        job, bare = got["job"], got["bare"]
-        per_round.append({
-            "job_over_bare": bare["seconds"] / job["seconds"],
-            "steady_job_over_bare": (job["steady_rows"] / job["steady_s"]) / (n / bare["steady_s"]),
-            "job_startup_s": job["startup_s"], "bare_startup_s": bare["startup_s"],
-            "generate_fraction_before": got["serial"]["generate_fraction"],
-            "generate_fraction_after": job["generate_fraction"],
-        })
+    n = got["job"]["rows"]
     med = {k: statistics.median(pr[k] for pr in per_round) for k in per_round[0]}
-    print(f"generate share of caption-actor wall time: before {100 * med['generate_fraction_before']:.0f}%, "
-          f"after {100 * med['generate_fraction_after']:.0f}% (median of rounds)")
-    print(f"job start-up (until the first captions): {med['job_startup_s']:.1f} s "
-          f"(bare loop's model load {med['bare_startup_s']:.1f} s)")
+    say(f"\ngenerate share of caption-actor wall time: before {100 * med['generate_fraction_before']:.0f}%, "
+        f"after {100 * med['generate_fraction_after']:.0f}% (median of rounds)")
+    say(f"job start-up (until the first captions): {med['job_startup_s']:.1f} s "
+        f"(bare loop's model load {med['bare_startup_s']:.1f} s)")
     steady = ", ".join(f"{pr['steady_job_over_bare']:.2f}" for pr in per_round)
-    print(f"steady-state job / bare images/s: {steady}; "
-          f"median {med['steady_job_over_bare']:.2f} (target >= 0.90); whole run incl. start-up "
-          f"{med['job_over_bare']:.2f}")
-    print(f"(ray.init {init_s:.1f} s, one-time, not counted; identical captions in all variants: {same})")
+    say(f"steady-state job / bare images/s: {steady}; "
+        f"median {med['steady_job_over_bare']:.2f} (target >= 0.90); whole run incl. start-up "
+        f"{med['job_over_bare']:.2f}")
+    say(f"identical captions in all variants: {same}")
     report = {"n": n, "rounds": per_round, "median": med, "identical_captions": same, "ray_init_s": init_s}
     if args.json:
         with open(args.json, "w") as f:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import socket
 import struct
 import zlib
 
+import httpx
 import torch
 from PIL import Image
 
-from alip.model import get_tokenizer, image_transform
+from alip.model import create_model, export_open_clip, get_tokenizer, image_transform, load_model
 
 
 def png_bytes(color=(200, 30, 30), size=(80, 60), pattern: int = 0) -> bytes:
@@ -47,3 +50,34 @@ def direct_image_embeddings(model, images: list[bytes]) -> torch.Tensor:
 @torch.no_grad()
 def direct_text_embeddings(model, texts: list[str]) -> torch.Tensor:
     return model.encode_text(get_tokenizer(model)(texts), normalize=True).float()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ok(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@contextlib.contextmanager
+def running_service(export_dir, **start_kwargs):
+    """A real Ray Serve app over a fresh alip-tiny export in `export_dir`; yields the URL, an HTTP
+    client and the same model loaded in-process (the reference the endpoints are compared with)."""
+    import ray
+
+    from serve import app as serve_app
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    export = export_open_clip(create_model("alip-tiny"), export_dir)
+    url = serve_app.start(str(export), host="127.0.0.1", port=free_port(), **start_kwargs)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield {"url": url, "client": client, "model": load_model(export).eval()}
+    finally:
+        serve_app.stop()
+        ray.shutdown()

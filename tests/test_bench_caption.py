@@ -25,6 +25,12 @@ def test_bench_caption_tiny_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generate share of caption-actor wall time: before" in proc.stdout
     assert "steady-state job / bare images/s" in proc.stdout and "job start-up" in proc.stdout
+    # Each variant's row is printed as soon as it is measured, before the summary figures.
+    lines = proc.stdout.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("0 ")]  # round 0: one row per variant
+    summary = next(i for i, line in enumerate(lines) if line.startswith("generate share"))
+    assert len(rows) == 3 and max(rows) < summary, proc.stdout
+    assert all(label in proc.stdout for label in ("bare loop", "serial actor (before)", "caption job (after)"))
     report = json.loads(out.read_text())
     assert report["n"] == 96 and report["identical_captions"] is True
     (r,) = report["rounds"]

@@ -179,3 +179,32 @@ def test_rows_that_crash_the_captioner_end_in_rejects_and_the_job_ends(cluster, 
     # One crash of the batch, then each poison row once more alone: 3 crashed actors in all.
     assert events["rows_poisoned"] == 2 and events["actors_lost"] == 3 and events["nodes_lost"] == [], \
         (events, run.lines)
+
+
+def test_rows_that_crash_the_decode_task_end_in_rejects_and_the_job_ends(cluster, tmp_path, monkeypatch):
+    # A prepare (decode) task process that dies on some images (a segfaulting native decoder):
+    # Ray's own retries of the task crash again, then the driver probes the unit's rows alone.
+    n = 200  # 4 units of 50: each crash costs a worker restart, the rest need not be big
+    keys, bad = write_world(str(tmp_path / "in"), n, shards=2, n_corrupt=3)
+    poison = [keys[101], keys[104]]  # same unit (rows 100-149), which also holds a corrupt image
+    assert not set(poison) & set(bad) and keys.index(bad[2]) in range(100, 150)
+    log_dir = tmp_path / "log"
+    monkeypatch.setenv("ALIP_CAPTION_CALL_LOG", str(log_dir))
+    monkeypatch.setenv("ALIP_DECODE_CRASH_ON_KEYS", ",".join(poison))
+    run = Background(job(tmp_path, max_unit_attempts=2))
+    summary = run.join(timeout=300)
+
+    data, rejects = assert_exactly_once(str(tmp_path / "out"), keys, bad + poison)
+    reasons = dict(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist()))
+    for k in poison:
+        assert reasons[k].startswith("decode failed 2 time(s) on this image: decode crashed the worker"), reasons[k]
+    assert summary["rows_captioned"] == n - 5 and summary["rows_rejected"] == 5
+    assert summary["rejected_by_reason"]["decode failed 2 time(s) on this image"] == 2
+    events = summary["cluster_events"]
+    # The unit crashed once as a whole (after Ray's retries), then each poison row once alone.
+    assert events["prepare_crashes"] == 1 and events["rows_poisoned"] == 2, (events, run.lines)
+    assert events["actors_lost"] == 0 and events["nodes_lost"] == [] and events["chunk_failures"] == 0
+    assert any("decoding its 50 row(s) one by one" in line for line in run.lines), run.lines
+    # The captioner never saw the poison rows; every other row of their unit was captioned once.
+    captioned = [k for ks in read_call_log(str(log_dir)).values() for k in ks]
+    assert not set(poison) & set(captioned) and len(captioned) == len(set(captioned)) == n - 5

@@ -147,6 +147,20 @@ def test_objectives_are_the_spec_with_weights_switched_off(objective):
     assert float(out.loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_each_ablation_switches_off_a_gate_that_is_active():
+    """The ablations are only meaningful if, on these inputs, each gate is really at work: W_s < 1 for
+    some samples, W_t != W_c for some, so each ablation gives a loss different from full ALIP's."""
+    i, t, c = random_triplets(10, 8, seed=7)
+    ws, wt, wc, _ = reference_gates(i.double().numpy(), t.double().numpy(), c.double().numpy(),
+                                    {"tc": 0.3, "it": 0.2, "ic": 0.2})
+    assert (ws < 0.99).any() and (np.abs(wt - wc) > 0.01).any()
+    losses = {o: float(ALIPLoss(o)(i, t, c, torch.tensor(10.0), GateState(0.3, 0.2, 0.2)).loss)
+              for o in ("alip", "alip_no_lcg", "alip_no_dcg")}
+    assert abs(losses["alip"] - losses["alip_no_lcg"]) > 1e-3 * losses["alip"]
+    assert abs(losses["alip"] - losses["alip_no_dcg"]) > 1e-3 * losses["alip"]
+    assert abs(losses["alip_no_lcg"] - losses["alip_no_dcg"]) > 1e-3 * losses["alip"]
+
+
 def test_bad_inputs_get_clear_errors():
     i, t, c = random_triplets(8, 8, seed=5)
     with pytest.raises(ValueError, match="same shape"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +22,8 @@ import openai
 import pytest
 import torch
 
-from alip.model import create_model, export_open_clip, load_model
-from serve_helpers import b64, direct_image_embeddings, direct_text_embeddings, png_bytes, png_header_only
+from serve_helpers import (b64, direct_image_embeddings, direct_text_embeddings, ok, png_bytes,
+                           png_header_only, running_service)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `serve` is a top-level folder of the checkout, not an installed package
@@ -40,12 +39,6 @@ SETTINGS = dict(max_batch_size=8, batch_wait_timeout_s=0.005, max_image_pixels=1
                 max_request_pixels=1_500_000, max_images=4, max_texts=16, max_labels=256, max_templates=16,
                 max_class_prompts=3000, class_batch_size=4, max_body_bytes=2_000_000)
 RED, BLUE = png_bytes((220, 20, 20), (64, 64), pattern=7), png_bytes((20, 20, 220), (64, 64), pattern=5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants_rss_mb(markers: tuple[str, ...]) -> dict[str, float]:
@@ -83,27 +76,10 @@ MARKERS = ("ServeReplica:alip", "ProxyActor")
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-
-    from serve import app as serve_app
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    export = export_open_clip(create_model("alip-tiny"), tmp_path_factory.mktemp("abuse_export"))
-    url = serve_app.start(str(export), host="127.0.0.1", port=_free_port(), settings=SETTINGS, num_replicas=1,
+    with running_service(tmp_path_factory.mktemp("abuse_export"), settings=SETTINGS, num_replicas=1,
                           num_cpus=1.5, request_timeout_s=REQUEST_TIMEOUT_S, max_ongoing_requests=ONGOING,
-                          max_queued_requests=QUEUED, ray_num_cpus=2)
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield {"url": url, "client": client, "model": load_model(export).eval()}
-    finally:
-        serve_app.stop()
-        ray.shutdown()
-
-
-def ok(r: httpx.Response) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
+                          max_queued_requests=QUEUED, ray_num_cpus=2) as svc:
+        yield svc
 
 
 def test_overload_gives_fast_503_with_retry_after_and_bounded_memory(service):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ import pytest
 import torch
 
 from alip.eval.zeroshot import build_classifier, classify
-from alip.model import create_model, export_open_clip, get_tokenizer, image_transform, load_model
-from serve_helpers import b64, direct_image_embeddings, direct_text_embeddings, png_bytes, png_header_only
+from alip.model import get_tokenizer, image_transform
+from serve_helpers import (b64, direct_image_embeddings, direct_text_embeddings, ok, png_bytes,
+                           png_header_only, running_service)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `serve` is a top-level folder of the checkout, not an installed package
@@ -33,34 +33,10 @@ RED, BLUE, GREEN = (png_bytes((220, 20, 20), pattern=7), png_bytes((20, 20, 220)
                     png_bytes((20, 200, 40), (50, 50), pattern=3))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-
-    from serve import app as serve_app
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    export = export_open_clip(create_model("alip-tiny"), tmp_path_factory.mktemp("serve_export"))
-    url = serve_app.start(str(export), host="127.0.0.1", port=_free_port(), settings=SETTINGS,
-                          num_replicas=1, ray_num_cpus=2)
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield {"url": url, "client": client, "model": load_model(export).eval()}
-    finally:
-        serve_app.stop()
-        ray.shutdown()
-
-
-def ok(r: httpx.Response) -> dict:
-    assert r.status_code == 200, r.text
-    return r.json()
+    with running_service(tmp_path_factory.mktemp("serve_export"), settings=SETTINGS, num_replicas=1, ray_num_cpus=2) as svc:
+        yield svc
 
 
 def test_every_endpoint_matches_the_library(service):

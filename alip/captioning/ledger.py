@@ -44,11 +44,13 @@ class _Unit:
 class CaptionLedger:
     """Captions per unit; chunks to run; attempts per row (see module doc)."""
 
-    def __init__(self, chunk_rows: int, max_attempts: int):
+    def __init__(self, chunk_rows: int, max_attempts: int, stage: str = "captioner"):
+        # ``stage`` names what failed in a give-up reason (the pipeline also isolates decode crashes).
         if chunk_rows < 1 or max_attempts < 1:
             raise ValueError(f"chunk_rows and max_attempts must be >= 1, got {chunk_rows}, {max_attempts}")
         self.chunk_rows = chunk_rows
         self.max_attempts = max_attempts
+        self.stage = stage
         self._units: dict[str, _Unit] = {}
         self._queue: deque[Chunk] = deque()
 
@@ -96,7 +98,7 @@ class CaptionLedger:
             return "split"
         row = chunk.start
         if unit.attempts[row] >= self.max_attempts:
-            unit.failures[row] = f"captioner failed {unit.attempts[row]} time(s) on this image: {reason}"
+            unit.failures[row] = f"{self.stage} failed {unit.attempts[row]} time(s) on this image: {reason}"
             return "rejected"
         self._queue.appendleft(chunk)
         unit.open_chunks += 1

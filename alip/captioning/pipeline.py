@@ -23,7 +23,11 @@ no hook to stop sending work to a node that is being drained. Here every decisio
 * **Preemption drain**: the driver polls the nodes being drained (Ray's drain API, which
   ``alip spot-watch`` and the autoscaler use); actors there get no new chunks, finish what
   they hold and are retired; Ray places their replacements (and new tasks) elsewhere.
-* **Poison units**: see :mod:`alip.captioning.ledger` (``--max-unit-attempts``).
+* **Poison units**: see :mod:`alip.captioning.ledger` (``--max-unit-attempts``). A unit whose
+  *prepare* task crashes its worker (a segfaulting decoder, an OOM kill) is isolated the same
+  way: its rows are probed one by one in tasks the driver retries itself, a row that keeps
+  crashing becomes a reject ("decode failed N time(s) on this image: ..."), and the unit is
+  prepared again without it (see ``_on_prepare_crashed``).
 * **Busy GPUs**: actors only run ``generate_prepared`` on ready arrays. The driver keeps
   ``depth`` calls queued per actor so the next batch is already there when one ends, and
   decode/prepare and commit/upload run in CPU tasks in parallel.
@@ -44,8 +48,8 @@ from dataclasses import dataclass, field
 from alip.captioners import CaptionerConfig, load_captioner
 from alip.captioning.config import CaptionJobConfig
 from alip.captioning.ledger import CaptionLedger, Chunk
-from alip.captioning.plan import OutputLayout, WorkUnit
-from alip.captioning.stages import finish_unit, prepare_unit
+from alip.captioning.plan import OutputLayout, WorkUnit, read_unit
+from alip.captioning.stages import finish_unit, prepare_table, prepare_unit
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ CALL_LOG_ENV = "ALIP_CAPTION_CALL_LOG"
 #: Test hook: comma-separated keys on which a caption actor process kills itself (``os._exit``),
 #: standing in for a captioner that segfaults or is OOM-killed on some image.
 CRASH_ON_KEYS_ENV = "ALIP_CAPTION_CRASH_ON_KEYS"
+#: Test hook: comma-separated keys on which a prepare (decode) task process kills itself,
+#: standing in for a corrupt image that segfaults a native decoder (stages.prepare_table).
+DECODE_CRASH_ON_KEYS_ENV = "ALIP_DECODE_CRASH_ON_KEYS"
 
 
 #: Transient storage errors worth trying again (substrings of the message); anything else
@@ -76,15 +83,31 @@ def with_transient_retries(fn, *args, attempts: int = 4, backoff_s: float = 1.0)
     raise AssertionError("unreachable")
 
 
-def prepare_task(item: dict, captioner: CaptionerConfig, max_pixels: int):
-    """Ray task body: ``(rows, inputs, info)``; ``info`` is the small part the driver reads."""
+def prepare_task(item: dict, captioner: CaptionerConfig, max_pixels: int, skip: dict[int, str] | None = None,
+                 crash_on_keys: frozenset[str] = frozenset()):
+    """Ray task body: ``(rows, inputs, info)``; ``info`` is the small part the driver reads.
+    ``skip``: rows that crashed the decode before (row -> reject reason), not decoded again."""
     unit = WorkUnit.from_item(item)
     rows, inputs = with_transient_retries(prepare_unit, unit, captioner, max_pixels,
-                                          max(captioner.batch_size, 64))
+                                          max(captioner.batch_size, 64), skip, crash_on_keys)
     reasons = rows.column("_reject").to_pylist()
     keys = rows.column("key").to_pylist()
     good_keys = [k for k, r in zip(keys, reasons) if r is None]
     return rows, inputs, {"unit": unit.name, "good_keys": good_keys, "node": _node_id()}
+
+
+def read_task(item: dict):
+    """Ray task body: a unit's raw rows (reading never crashes on an image; the probes share them)."""
+    return with_transient_retries(read_unit, WorkUnit.from_item(item))
+
+
+def probe_task(table, row: int, name: str, captioner: CaptionerConfig, max_pixels: int,
+               crash_on_keys: frozenset[str] = frozenset()) -> bool:
+    """Ray task body: prepare one row of a unit alone, exactly as the unit's prepare would; the
+    answer only says that the process survived (the row's own reject reason, if any, comes from
+    the unit's prepare later)."""
+    prepare_table(table.slice(row, 1), name, captioner, max_pixels, 1, None, crash_on_keys)
+    return True
 
 
 def finish_task(output: str, name: str, rows, captions: list, failures: dict, captioner_name: str) -> dict:
@@ -156,7 +179,14 @@ def remote_options(cfg: CaptionJobConfig) -> dict[str, dict]:
                       max_task_retries=0),
         # System failures (a worker or node lost) re-run a task, and lineage rebuilds outputs lost
         # with a node; application errors are not retried (a bad shard fails the same way again).
-        "prepare": dict(num_cpus=cfg.decode_cpus, num_returns=3, max_retries=4, retry_exceptions=False),
+        # Ray cannot tell a worker that crashed on an image from one lost with its node, so it
+        # gets few retries (each one crashes again on a poison image): when they are spent the
+        # driver sees NodeDiedError (node loss: prepared again, not counted) or a worker crash
+        # (counted against the unit's rows, which are then probed one by one).
+        "prepare": dict(num_cpus=cfg.decode_cpus, num_returns=3, max_retries=2, retry_exceptions=False),
+        "read": dict(num_cpus=cfg.decode_cpus, max_retries=2, retry_exceptions=False),
+        # One row alone: the driver decides every retry (crash: counted; node lost: free).
+        "probe": dict(num_cpus=cfg.decode_cpus, max_retries=0, retry_exceptions=False),
         "finish": dict(num_cpus=min(cfg.decode_cpus, 0.25), max_retries=4, retry_exceptions=False),
     }
 
@@ -173,8 +203,14 @@ class _Actor:
 
 @dataclass
 class _Prepared:
-    refs: tuple  # (rows, inputs, info) object refs
+    refs: tuple | None  # (rows, inputs, info) object refs; None while probing rows after a crash
     good_keys: list[str] | None = None
+    skip: dict[int, str] = field(default_factory=dict)  # rows given up on: decode crashed them
+    crashes: int = 0  # whole-unit prepares that crashed their worker
+    probes: CaptionLedger | None = None  # attempts per row while isolating a crash (probe index = row)
+    probe_rows: list[int] = field(default_factory=list)  # probe index -> row of the unit
+    table_ref: object = None  # the unit's raw rows, shared by its probes
+    probing: dict = field(default_factory=dict)  # probe ref -> Chunk (one row)
 
 
 class CaptionScheduler:
@@ -207,7 +243,7 @@ class CaptionScheduler:
         self.prepared: dict[str, _Prepared] = {}  # submitted or ready, not yet finished
         self.finishing: dict[object, str] = {}  # finish ref -> unit
         self.events = {"nodes_lost": set(), "actors_lost": 0, "actors_retired": 0, "chunks_requeued": 0,
-                       "chunk_failures": 0, "rows_poisoned": 0}
+                       "chunk_failures": 0, "rows_poisoned": 0, "prepare_crashes": 0}
         self.generate_stats: list[dict] = []
         self.suspects: dict = {}  # unreachable actors being probed (see _suspect)
         self._init_failures = 0
@@ -222,6 +258,9 @@ class CaptionScheduler:
         self._actor_cls = ray.remote(CaptionActor).options(**options["actor"])
         self._actor_args = (captioner, cfg.threads, call_log, crash)
         self._prepare = ray.remote(prepare_task).options(**options["prepare"])
+        self._read = ray.remote(read_task).options(**options["read"])
+        self._probe = ray.remote(probe_task).options(**options["probe"])
+        self._decode_crash = frozenset(k for k in os.environ.get(DECODE_CRASH_ON_KEYS_ENV, "").split(",") if k)
         self._finish = ray.remote(finish_task).options(**options["finish"])
 
     # -- cluster state ---------------------------------------------------------------------------
@@ -252,10 +291,21 @@ class CaptionScheduler:
                 pass
         self.ray.kill(actor.handle, no_restart=True)
 
+    def _submit_prepare(self, name: str) -> None:
+        entry = self.prepared.setdefault(name, _Prepared(refs=None))
+        entry.refs = tuple(self._prepare.remote(self.units[name].to_item(), self.captioner, self.cfg.max_pixels,
+                                                entry.skip or None, self._decode_crash))
+
     # -- results ---------------------------------------------------------------------------------
     def _on_prepared(self, name: str) -> None:
+        from ray.exceptions import NodeDiedError, OutOfMemoryError, WorkerCrashedError
+
         entry = self.prepared[name]
-        info = self.ray.get(entry.refs[2])  # raises the task's error: a bad shard fails the job loudly
+        try:
+            info = self.ray.get(entry.refs[2])  # raises the task's error: a bad shard fails the job loudly
+        except (WorkerCrashedError, OutOfMemoryError, NodeDiedError) as exc:
+            self._on_prepare_crashed(name, exc)
+            return
         entry.good_keys = info["good_keys"]
         self.ledger.add_unit(name, len(info["good_keys"]))
         self._maybe_finish(name)
@@ -295,6 +345,84 @@ class CaptionScheduler:
             self.first_caption_s = time.perf_counter() - self._t0
             self.first_caption_rows = chunk.rows
         self._maybe_finish(chunk.unit)
+
+    # A prepare task that takes its worker down (after Ray's own retries) is isolated like a
+    # crashing caption batch: the unit's rows are probed one at a time, each probe's crash
+    # counted against its row (CaptionLedger, stage "decode"), and a row that has crashed
+    # --max-unit-attempts times becomes a reject. Then the unit is prepared again without those
+    # rows. A node loss is nobody's fault: the unit is prepared again as it was.
+    def _on_prepare_crashed(self, name: str, exc: Exception) -> None:
+        from ray.exceptions import NodeDiedError
+
+        entry = self.prepared[name]
+        entry.refs = None
+        if isinstance(exc, NodeDiedError):
+            self.say(f"[caption] unit {name}: its prepare task's node is gone; preparing it again")
+            self._submit_prepare(name)
+            return
+        entry.crashes += 1
+        self.events["prepare_crashes"] += 1
+        if entry.crashes > self.cfg.max_unit_attempts:
+            # Every row alone survived, yet the unit (its batch processing) keeps crashing.
+            raise RuntimeError(f"unit {name}: preparing it crashed the worker {entry.crashes} times although no "
+                               f"single image does ({type(exc).__name__}: {_first_line(exc)})")
+        if not self.units[name].rows:
+            raise RuntimeError(f"unit {name}: its prepare task crashed and its row count is unknown") from exc
+        rows = [i for i in range(self.units[name].rows) if i not in entry.skip]
+        reason = f"decode crashed the worker: {type(exc).__name__}"
+        self.say(f"[caption] unit {name}: preparing it crashed the worker ({type(exc).__name__}); "
+                 f"decoding its {len(rows)} row(s) one by one to find the image at fault")
+        entry.probes = CaptionLedger(chunk_rows=max(1, len(rows)), max_attempts=self.cfg.max_unit_attempts,
+                                     stage="decode")
+        entry.probe_rows = rows
+        entry.probes.add_unit(name, len(rows))
+        whole = entry.probes.next_chunk()
+        if whole is not None:
+            self._probe_failed(name, whole, reason)
+        entry.table_ref = self._read.remote(self.units[name].to_item())
+        self._submit_probes(name)
+
+    def _submit_probes(self, name: str) -> None:
+        entry = self.prepared[name]
+        while (chunk := entry.probes.next_chunk()) is not None:
+            ref = self._probe.remote(entry.table_ref, entry.probe_rows[chunk.start], name, self.captioner,
+                                     self.cfg.max_pixels, self._decode_crash)
+            entry.probing[ref] = chunk
+        if entry.probes.is_complete(name):
+            _captions, failures = entry.probes.pop_unit(name)
+            entry.skip.update({entry.probe_rows[j]: why for j, why in failures.items()})
+            entry.probes, entry.probe_rows, entry.table_ref = None, [], None
+            self._submit_prepare(name)
+
+    def _probe_failed(self, name: str, chunk: Chunk, reason: str) -> None:
+        outcome = self.prepared[name].probes.failed(chunk, reason)
+        if outcome == "rejected":
+            self.events["rows_poisoned"] += 1
+            row = self.prepared[name].probe_rows[chunk.start]
+            self.say(f"[caption] unit {name}: giving up on row {row} after {self.cfg.max_unit_attempts} "
+                     f"attempt(s): {reason}")
+
+    def _on_probe(self, name: str, ref) -> None:
+        from ray.exceptions import NodeDiedError, OutOfMemoryError, WorkerCrashedError
+
+        entry = self.prepared[name]
+        chunk = entry.probing.pop(ref)
+        try:
+            self.ray.get(ref)  # any other error (e.g. storage) fails the job, as in the unit's prepare
+        except NodeDiedError:
+            entry.probes.lost(chunk)
+        except (WorkerCrashedError, OutOfMemoryError) as exc:
+            self._probe_failed(name, chunk, f"decode crashed the worker: {type(exc).__name__}")
+        else:
+            entry.probes.succeeded(chunk, [""])
+        self._submit_probes(name)
+
+    def _on_probation(self, chunk: Chunk) -> bool:
+        """A single row retried after a crash runs alone on its actor (nothing queued before or
+        after it): then a crash is surely its own. With calls queued, Ray may fail a call that had
+        finished (its reply not yet read) together with the one that crashed, and the wrong row
+        would be blamed."""
+        return chunk.rows == 1 and self.ledger.attempts(chunk.unit)[chunk.start] > 0
 
     def _chunk_failed(self, chunk: Chunk, reason: str) -> None:
         self.events["chunk_failures"] += 1
@@ -457,14 +585,17 @@ class CaptionScheduler:
                 self._spawn()
             # Prepare ahead, bounded.
             while self.todo and len(self.prepared) < self.prefetch:
-                name = self.todo.pop(0)
-                self.prepared[name] = _Prepared(refs=tuple(self._prepare.remote(
-                    self.units[name].to_item(), self.captioner, self.cfg.max_pixels)))
+                self._submit_prepare(self.todo.pop(0))
             # Feed every ready actor up to DEPTH calls.
             for actor in self.actors:
                 while actor.node and not actor.retiring and len(actor.inflight) < self.DEPTH:
+                    if any(self._on_probation(c) for _r, c in actor.inflight):
+                        break
                     chunk = self.ledger.next_chunk()
                     if chunk is None:
+                        break
+                    if self._on_probation(chunk) and actor.inflight:
+                        self.ledger.lost(chunk)  # back to the front of the queue: it waits for an idle actor
                         break
                     keys = self.prepared[chunk.unit].good_keys[chunk.start:chunk.stop]
                     ref = actor.handle.generate.remote(self.prepared[chunk.unit].refs[1], chunk.start, chunk.stop,
@@ -475,8 +606,10 @@ class CaptionScheduler:
             # Wait for anything.
             waiting: dict = {}
             for name, entry in self.prepared.items():
-                if entry.good_keys is None:
+                if entry.good_keys is None and entry.refs is not None:
                     waiting[entry.refs[2]] = ("prepared", name)
+                for ref in entry.probing:
+                    waiting[ref] = ("probe_row", name)
             for actor in self.actors:
                 if actor.ready_ref is not None:
                     waiting[actor.ready_ref] = ("ready", actor)
@@ -500,6 +633,8 @@ class CaptionScheduler:
                 kind, *args = waiting[ref]
                 if kind == "prepared":
                     self._on_prepared(args[0])
+                elif kind == "probe_row":
+                    self._on_probe(args[0], ref)
                 elif kind == "ready":
                     if args[0] in self.actors:
                         self._on_actor_ready(args[0])

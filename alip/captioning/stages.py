@@ -13,6 +13,7 @@ the model's input (e.g. 384x384 fp16), not full-resolution RGB.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -23,7 +24,7 @@ from alip.captioners import CaptionerConfig, CaptionerError, Preparer, load_prep
 from alip.captioning.plan import OutputLayout, WorkUnit, read_unit
 from alip.captioning.unit import REJECT, UNIT, UNIT_ROWS, output_tables, write_unit
 from alip.data.images import ImageDecodeError, decode_image
-from alip.data.schema import IMAGE
+from alip.data.schema import IMAGE, KEY
 
 _PREPARERS: dict[str, Preparer] = {}
 _PREPARERS_LOCK = threading.Lock()
@@ -67,21 +68,41 @@ def _prepare_rows(preparer: Preparer, images: list[Image.Image]) -> tuple[list[d
 
 
 def prepare_unit(unit: WorkUnit, captioner: CaptionerConfig, max_pixels: int,
-                 batch_size: int = 64) -> tuple[pa.Table, dict[str, np.ndarray]]:
+                 batch_size: int = 64, skip: dict[int, str] | None = None,
+                 crash_on_keys: frozenset[str] = frozenset()) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """``(rows, inputs)`` for one unit.
 
     ``rows``: the unit's input rows (all columns) plus ``_unit``, ``_unit_rows`` and ``_reject``
     (null for a good row, else why it is rejected). ``inputs``: the captioner's prepared arrays
     for the good rows, in row order (first axis = good row). No image of any kind fails this:
-    every exception while decoding or preparing one image rejects that image.
+    every exception while decoding or preparing one image rejects that image. An image that
+    takes the whole process down (a native decoder's segfault, an OOM kill) cannot be caught
+    here: the scheduler isolates it (pipeline.py) and passes it in ``skip`` (row -> reason),
+    rows that are rejected without being decoded again.
     """
+    return prepare_table(read_unit(unit), unit.name, captioner, max_pixels, batch_size, skip, crash_on_keys)
+
+
+def prepare_table(table: pa.Table, name: str, captioner: CaptionerConfig, max_pixels: int,
+                  batch_size: int = 64, skip: dict[int, str] | None = None,
+                  crash_on_keys: frozenset[str] = frozenset()) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """:func:`prepare_unit` on rows already read (also one row alone: the scheduler's crash probe).
+
+    ``crash_on_keys`` is a test hook (empty unless $ALIP_DECODE_CRASH_ON_KEYS is set for the
+    job): decoding a row with one of these keys kills the process (``os._exit``), standing in
+    for a corrupt image that segfaults a native decoder."""
     preparer = cached_preparer(captioner)
     side = _input_size(preparer)
-    table = read_unit(unit)
     reasons: list[str | None] = []
     good_images: list[Image.Image] = []
     good_rows: list[int] = []
+    keys = table.column(KEY).to_pylist()
     for i, blob in enumerate(table.column(IMAGE).to_pylist()):
+        if skip and i in skip:
+            reasons.append(skip[i])
+            continue
+        if keys[i] in crash_on_keys:
+            os._exit(3)  # test hook (see above): a decoder that takes its process down
         try:
             img = decode_image(blob, max_pixels=max_pixels)
             if side and img.size != (side, side):
@@ -104,13 +125,13 @@ def prepare_unit(unit: WorkUnit, captioner: CaptionerConfig, max_pixels: int,
     inputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     n = table.num_rows
     rows = (
-        table.append_column(UNIT, pa.array([unit.name] * n, pa.string()))
+        table.append_column(UNIT, pa.array([name] * n, pa.string()))
         .append_column(UNIT_ROWS, pa.array([n] * n, pa.int64()))
         .append_column(REJECT, pa.array(reasons, pa.string()))
     )
     n_good = sum(r is None for r in reasons)
     if inputs and any(len(v) != n_good for v in inputs.values()):
-        raise RuntimeError(f"unit {unit.name}: prepared {[len(v) for v in inputs.values()]} rows for {n_good} images")
+        raise RuntimeError(f"unit {name}: prepared {[len(v) for v in inputs.values()]} rows for {n_good} images")
     return rows, inputs
 
 

@@ -7,9 +7,10 @@ decompression bombs. Nothing is silently dropped: every image that cannot be use
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 from PIL import Image, ImageOps
@@ -30,7 +31,7 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     # Composite transparency over white: a plain convert("RGB") turns transparent pixels black,
     # which changes what the image shows.
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -40,12 +41,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode encoded bytes into an RGB image (EXIF orientation applied).
+@contextlib.contextmanager
+def open_checked(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """Open encoded bytes lazily (header only) with the checks every decode path needs, and turn
+    whatever the decoder raises inside the ``with`` block into :class:`ImageDecodeError`.
 
-    Raises :class:`ImageDecodeError` for missing/empty bytes, unknown or corrupt formats,
-    truncated files and images over ``max_pixels`` pixels.
-    """
+    Refuses missing/empty bytes, unknown formats, non-positive sizes and images over
+    ``max_pixels`` pixels before a single pixel is decoded (decompression bombs). The caller
+    decodes inside the block (``img.load()``, ``draft`` ...), so a corrupt or truncated body is
+    mapped to the same table-friendly reasons whichever path decodes it."""
     if data is None:
         raise ImageDecodeError("missing image bytes (null)")
     if len(data) == 0:
@@ -63,9 +67,7 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
                     f"image too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels} "
                     "(possible decompression bomb)"
                 )
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            yield img
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -80,6 +82,18 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         # Web data is adversarial: whatever a plugin raises on one image must reject that image,
         # never the shard (an uncaught error would fail the job on every rerun).
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from exc
+
+
+def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded bytes into an RGB image (EXIF orientation applied).
+
+    Raises :class:`ImageDecodeError` for missing/empty bytes, unknown or corrupt formats,
+    truncated files and images over ``max_pixels`` pixels.
+    """
+    with open_checked(data, max_pixels) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
 
 
 def decode_batch(

@@ -293,7 +293,8 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) ->
 
 
 def _paint(canvas: np.ndarray, rng: np.random.Generator, shape: str, colour: str, size: str,
-           position: str, pattern: str) -> None:
+           position: str, pattern: str) -> np.ndarray:
+    """Paint one object; returns its pixel mask (HxW bool)."""
     cx, cy = _CENTRES[position]
     cx += _randint(rng, -3, 4)
     cy += _randint(rng, -3, 4)
@@ -304,17 +305,21 @@ def _paint(canvas: np.ndarray, rng: np.random.Generator, shape: str, colour: str
     if pmask is not None:
         # Darker shade of the same colour: the pattern is visible, the hue stays the colour's.
         canvas[mask & pmask] = tuple(int(c * 0.4) for c in fill)
+    return mask
 
 
-def render(attrs: Mapping, rng: np.random.Generator) -> np.ndarray:
-    """Draw a scene as an HxWx3 uint8 array (second object first, so the main one is on top)."""
+def render(attrs: Mapping, rng: np.random.Generator, return_mask: bool = False):
+    """Draw a scene as an HxWx3 uint8 array (second object first, so the main one is on top).
+
+    ``return_mask``: return ``(pixels, mask)``, mask = the main object's pixels (HxW bool; it is
+    drawn last, so all of it is visible), e.g. for the pointing game of alip.cam."""
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     canvas[:] = _jitter(BACKGROUNDS[attrs["background"]], rng, 10)
     if attrs.get("second_shape"):
         _paint(canvas, rng, attrs["second_shape"], attrs["second_colour"], "small",
                attrs["second_position"], "plain")
-    _paint(canvas, rng, attrs["shape"], attrs["colour"], attrs["size"], attrs["position"], attrs["pattern"])
-    return canvas
+    mask = _paint(canvas, rng, attrs["shape"], attrs["colour"], attrs["size"], attrs["position"], attrs["pattern"])
+    return (canvas, mask) if return_mask else canvas
 
 
 def encode_image(pixels: np.ndarray) -> bytes:

@@ -39,7 +39,6 @@ Pure Python/numpy/PIL: unit-testable without Ray.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import os
@@ -51,9 +50,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, ImageOps
 
-from alip.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, _to_rgb
+from alip.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_checked, to_rgb
 from alip.data.schema import CAPTION, IMAGE, KEY, RAW_TEXT
 
 log = logging.getLogger(__name__)
@@ -148,47 +147,22 @@ def decode_resized_crop(data: bytes | None, size: int, choose: CropChooser,
     JPEG can be decoded at reduced size when the crop allows it. Raises ImageDecodeError for the
     same inputs as `alip.data.images.decode_image` (missing, empty, unknown, corrupt, truncated,
     over `max_pixels`)."""
-    if data is None:
-        raise ImageDecodeError("missing image bytes (null)")
-    if len(data) == 0:
-        raise ImageDecodeError("empty image bytes")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (not raises) between MAX_IMAGE_PIXELS and 2x; we enforce our own limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageDecodeError(f"invalid image size {width}x{height}")
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels} "
-                    "(possible decompression bomb)"
-                )
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-            oriented = (height, width) if orientation in _SWAPS_AXES else (width, height)
-            box, flip = choose(*oriented)
-            factor, scale = draft_factor(box, size), 1.0
-            if factor > 1:
-                # Only JPEG implements draft (others return None and decode at full size). The
-                # reduction is the same on both axes, so it can be asked for in stored coordinates.
-                drafted = img.draft(img.mode, (width // factor, height // factor))
-                if drafted is not None:
-                    scale = width / drafted[1][2]
-            img.load()
-            if orientation != 1:
-                img = ImageOps.exif_transpose(img)
-            pixels = np.asarray(_to_rgb(img))  # HWC uint8
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError(f"unrecognised image format (first bytes {bytes(data[:8])!r})") from None
-    except MemoryError:
-        raise ImageDecodeError("corrupt image: MemoryError while decoding (claims an absurd size)") from None
-    except Exception as exc:  # noqa: BLE001 - decoders raise anything; one bad image must not fail the task
-        raise ImageDecodeError(f"corrupt image: {type(exc).__name__}: {exc}") from exc
+    with open_checked(data, max_pixels) as img:
+        width, height = img.size
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        oriented = (height, width) if orientation in _SWAPS_AXES else (width, height)
+        box, flip = choose(*oriented)
+        factor, scale = draft_factor(box, size), 1.0
+        if factor > 1:
+            # Only JPEG implements draft (others return None and decode at full size). The
+            # reduction is the same on both axes, so it can be asked for in stored coordinates.
+            drafted = img.draft(img.mode, (width // factor, height // factor))
+            if drafted is not None:
+                scale = width / drafted[1][2]
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        pixels = np.asarray(to_rgb(img))  # HWC uint8
     if scale != 1.0:
         box = CropBox(box.left / scale, box.top / scale, box.width / scale, box.height / scale)
     return resize_crop(pixels, box, size, flip)

@@ -50,8 +50,8 @@ from alip.serving.schemas import (ClassifyRequest, ClassifyResponse, EmbeddingRe
 
 log = logging.getLogger(__name__)
 
-#: reachable without a token: liveness probes, the demo page (it asks for the token), the docs
-OPEN_PATHS = ("/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico")
+#: reachable without a token: liveness probes, the pages (they ask for the token), the docs
+OPEN_PATHS = ("/", "/explore", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico")
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422)}
 
@@ -353,6 +353,11 @@ def create_app(backend: Backend, config: ServeConfig | None = None, page_html: s
         if page_html is None:
             raise StarletteHTTPException(404, "no demo page configured; see /docs for the API")
         return HTMLResponse(page_html)
+
+    if config.explore_roots or config.cam_grid:  # the data explorer (alip/serving/explore.py)
+        from alip.serving.explore import explore_router
+
+        app.include_router(explore_router(config))
 
     _install_openapi(app, OPEN_PATHS, auth_required=config.resolved_token() is not None)
     return app

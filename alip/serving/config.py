@@ -17,6 +17,10 @@ class ServeConfigError(ValueError):
     """A service setting that is unknown or out of range."""
 
 
+def _absolute(path: str) -> str:
+    return path if path.startswith("s3://") else os.path.abspath(path)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     # --- request limits (each violation is a 4xx, never a 500) ---
@@ -50,8 +54,25 @@ class ServeConfig:
     torch_threads: int = 0  # 0: leave torch's default (Ray sets OMP_NUM_THREADS from num_cpus)
     #: Bearer token; None reads ALIP_SERVE_TOKEN from the replica's environment, "" disables auth.
     auth_token: str | None = None
+    # --- the /explore page (alip/serving/explore.py) ---
+    #: Scores files of `alip explore` the page may open: each a *.parquet file or a folder searched for
+    #: them, local or s3://. Nothing outside these is ever read (the page picks files by id).
+    explore_roots: tuple[str, ...] = ()
+    #: A PNG the page shows (e.g. `alip cam`'s grid); served by /explore/api/cam and nothing else.
+    cam_grid: str | None = None
 
     def __post_init__(self) -> None:
+        roots = self.explore_roots
+        if isinstance(roots, str):  # one root given as a plain string (YAML, CLI)
+            roots = [roots]
+        if not isinstance(roots, (list, tuple)) or not all(isinstance(r, str) and r.strip() for r in roots):
+            raise ServeConfigError(f"explore_roots must be a list of paths or s3:// URIs, got {roots!r}")
+        # absolute where the config is first built (the driver): Serve replicas run in another directory
+        object.__setattr__(self, "explore_roots", tuple(_absolute(r) for r in roots))
+        if self.cam_grid is not None and not (isinstance(self.cam_grid, str) and self.cam_grid.endswith(".png")):
+            raise ServeConfigError(f"cam_grid must be the path of a .png file, got {self.cam_grid!r}")
+        if self.cam_grid is not None:
+            object.__setattr__(self, "cam_grid", _absolute(self.cam_grid))
         positive = ("max_body_bytes", "max_image_pixels", "max_request_pixels", "max_images", "max_texts",
                     "max_labels", "max_templates", "max_label_chars", "max_class_prompts", "max_text_chars",
                     "max_batch_size", "class_batch_size", "class_cache_size")
