@@ -94,7 +94,7 @@ def test_readme_sections_hold_the_documented_pipeline():
     assert [next(w for w in shlex.split(c, comments=True) if "alip" in w or w.endswith("serve")).rsplit("/", 1)[-1]
             for c in cmds if "alip" in c or "serve run" in c][:4] == ["alip"] * 4
     order = [c.split()[1] if c.startswith(".venv/bin/alip") else c for c in cmds]
-    assert order[:5] == ["world", "caption", "pretrain", "eval", "serve"], order
+    assert order[:7] == ["world", "caption", "pretrain", "eval", "cam", "explore", "serve"], order
     assert any("serve run serve/config.yaml" in c for c in cmds), "the README's Serve CLI command is tested"
     remote, local = cluster_blocks()
     for script in ("caption.py", "pretrain.py", "evaluate.py"):

@@ -621,7 +621,12 @@ class CaptionScheduler:
                 if info["probe"] is not None:
                     waiting[info["probe"]] = ("probe", None)
             if not waiting:
+                # Only suspects between probes may be left (all remaining work is theirs): they are
+                # re-probed, or settled once their node is known dead, by _check_suspects alone.
                 time.sleep(0.05)
+                if self.suspects:
+                    self._poll_nodes()
+                    self._check_suspects(set())
                 continue
             ready, rest = self.ray.wait(list(waiting), num_returns=1, timeout=self.NODE_POLL_S)
             if ready and rest:  # take everything else that is done too

@@ -2,12 +2,9 @@
 per-worker loop. The math lives in alip.training / alip.loss; this file only wires Ray around it.
 
 Data: the captioned Parquet dataset, read as a stream of row groups in a seeded permutation per
-epoch (alip.pretrain.stream). Global step s trains on stream rows [s G, (s + 1) G) whatever the
-worker count; rank r of W trains a fixed slice of them. Each rank builds its own Ray Data pipeline
-in the train loop, from the step of the checkpoint it restored: read + decode + augment + tokenise
-only its own rows, in CPU tasks, at most READ_AHEAD_ITEMS at a time, in order, then
-`iter_torch_batches(its share)`. Gates and loss are computed over the global batch by ALIPLoss
-(all_gather across the DDP workers), so W workers train what one worker trains.
+epoch (alip.pretrain.stream) -> Ray Data (decode + augment + tokenise in CPU tasks) ->
+`get_dataset_shard("train").iter_torch_batches(rank's share of the global batch)`. Gates and loss
+are computed over the global batch by ALIPLoss (all_gather across the DDP workers).
 
 Elastic and fault tolerant (Ray Train V2):
 - `num_workers: 2-8` is `ScalingConfig(num_workers=(2, 8))`: the run starts once 2 workers are
@@ -20,10 +17,9 @@ Elastic and fault tolerant (Ray Train V2):
   goes. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
 - A checkpoint holds model, optimiser, scheduler, gate momentum state and `position.json` (step,
   global samples consumed, the metrics log's offset): no metric history, so every checkpoint has
-  the same size. When a worker group starts, each rank plans its stream from the step of the
-  checkpoint it restored (`ray.train.get_checkpoint()`, checked against its position.json): nothing
-  already trained on is read or decoded again, and what was decoded but not trained at a kill is
-  the read-ahead in flight (a few items per rank).
+  the same size. When a worker group starts, the dataset factory reads the `position.json` of the
+  checkpoint Ray Train restores and the stream begins at its first unconsumed row group: nothing
+  already trained on is read or decoded again, except what was in flight.
 Re-running the same command (same run name and storage path) resumes the same way.
 """
 from __future__ import annotations
@@ -41,7 +37,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from alip.cluster_fit import DATA_TASKS_PER_TRAIN_WORKER
 from alip.data.dataset import list_shards
 from alip.data.schema import CAPTION, IMAGE, KEY, RAW_TEXT
 from alip.data.storage import join, resolve
@@ -50,24 +45,13 @@ from alip.pretrain.config import PretrainConfig
 from alip.pretrain.metrics import MetricsLog, plot_history, read_history
 from alip.pretrain.data import trainer_batch_options
 from alip.pretrain.stream import (
-    ReadUnit, batch_shares, rank_items, rank_positions, read_positions, steps_per_item, total_steps,
-    units_of_shard,
+    ReadUnit, latest_registered_position, plan_reads, read_items, rows_to_plan, total_steps, units_of_shard,
 )
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
 TRAINER_FILE = "trainer.pt"
 POSITION_FILE = "position.json"
 READ_COLUMNS = [KEY, IMAGE, RAW_TEXT, CAPTION]
-# Read-ahead of one rank, in read items (alip.pretrain.stream.rank_items: whole steps of its
-# slice, at least MIN_ITEM_ROWS rows): at most READ_AHEAD_ITEMS decode tasks run at once (Ray
-# Data's concurrency cap; as many as alip.cluster_fit makes room for next to each train worker)
-# and about DECODED_ITEMS_WAITING decoded items wait for the step (Ray Data's object store memory
-# limit for the rank's pipeline). So a rank has at most about (READ_AHEAD_ITEMS +
-# DECODED_ITEMS_WAITING) items + the batches iter_torch_batches prefetches decoded but not trained:
-# what a kill loses (measured in tests/test_pretrain_job.py).
-READ_AHEAD_ITEMS = DATA_TASKS_PER_TRAIN_WORKER
-DECODED_ITEMS_WAITING = 2
-SEGMENT_ITEMS = 2000  # read items (one object each) per Ray Data pipeline of a rank
 
 
 class PretrainConfigError(ValueError):
@@ -142,67 +126,35 @@ def _preprocessor(image_size: int, context_length: int, seed: int):
     return TrainPreprocessor(image_size, context_length, train=True, seed=seed)
 
 
-def read_and_decode(batch: dict, first_step: int, end_step: int, units: list[ReadUnit], seed: int,
-                    global_batch_size: int, world_size: int, rank: int, shuffle_window: int, image_size: int,
-                    context_length: int) -> dict:
-    """Ray Data map_batches function, one read item per call (`batch["id"]`: its index in
-    `rank_items(first_step, end_step, share)`): rank `rank`'s rows of the item's steps,
-    read, decoded, augmented and tokenised, exactly `share` rows per step in step order. A row that
-    cannot be decoded is skipped with a warning (alip.pretrain.data) and its step is filled up by
-    repeating that step's other rows, so every step still has its share: the ranks' batch shares are
-    fixed by the config (the loss gathers them without a size exchange)."""
-    share = batch_shares(global_batch_size, world_size)[rank]
-    per_item = steps_per_item(share)
-    first = first_step + int(batch["id"][0]) * per_item
-    n_steps = min(per_item, end_step - first)
-    positions = rank_positions(first, n_steps, global_batch_size, world_size, rank)
-    table = read_positions(units, seed, positions, READ_COLUMNS, shuffle_window)
-    prep = _preprocessor(image_size, context_length, seed)
-    out: dict[str, list] = {}
-    for i in range(n_steps):
-        rows = table.slice(i * share, share)
-        step = prep({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names})
-        got = len(step["image"])
-        if got == 0:
-            raise RuntimeError(f"no row of rank {rank}'s share of step {first + i} could be decoded")
-        if got < share:  # deterministic fill: the same rows whoever decodes them
-            step = {k: v[np.arange(share) % got] for k, v in step.items()}
-        for k, v in step.items():
-            out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in out.items()}
+def _preprocess(batch: dict, image_size: int, context_length: int, seed: int) -> dict:
+    # A plain function (Ray tasks) with the transform/tokenizer cached per worker process.
+    return _preprocessor(image_size, context_length, seed)(batch)
 
 
-def build_rank_dataset(cfg: PretrainConfig, units: list[ReadUnit], rows: int, rank: int, world_size: int,
-                       first_step: int, end_step: int):
-    """Rank `rank`'s own stream as a Ray Data pipeline: one item per few steps of its slice of the
-    global batches, from `first_step` (its checkpoint's step) to the end of the schedule, read and
-    decoded in CPU tasks, in order. At most READ_AHEAD_ITEMS decode tasks run at once, which bounds
-    what is decoded ahead of the step (and lost at a kill)."""
+def build_dataset(cfg: PretrainConfig, items: list[dict]):
+    """The stream as a Ray Data pipeline: one read task per planned unit (row group, from its first
+    unconsumed row), then decode + augment + tokenise in CPU tasks. Order is preserved (see
+    `_ingest_options`), so the stream is consumed as a prefix and a position is a row count."""
     import ray.data
-    from ray.data import DataContext, ExecutionResources
 
-    G = cfg.train.global_batch_size
-    share = batch_shares(G, world_size)[rank]
+    from alip.pretrain.data import with_epoch
+
     size, ctx_len = _geometry(cfg)
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # a rank's batches are its steps, in order
-    # Decoded items wait in the object store until the step takes them: cap those bytes (Ray Data
-    # starts no task beyond its memory budget).
-    item_bytes = steps_per_item(share) * share * (3 * size * size + 2 * ctx_len * 2)
-    ctx.execution_options.resource_limits = ExecutionResources.for_limits(
-        object_store_memory=DECODED_ITEMS_WAITING * item_bytes)
-    ctx.enable_progress_bars = False
-    n_items = len(rank_items(first_step, end_step, share))
-    # One block per item (a decode task per item: the concurrency cap counts items). from_items,
-    # not ray.data.range: a read task would ask for a whole CPU, which a node whose CPUs are taken
-    # by a train worker and its decode tasks may never have.
-    ds = ray.data.from_items([{"id": i} for i in range(n_items)], override_num_blocks=n_items)
+
+    def read_unit(batch: dict, columns: list[str]):
+        # batch_size=1: one planned unit per call. Its rows carry the unit's epoch to the
+        # preprocessor, which seeds each row's augmentation with (seed, epoch, key): reproducible,
+        # and a fresh crop of every image each epoch.
+        epoch = int(batch["epoch"][0])
+        for part in read_items(batch, columns):
+            yield with_epoch(part, epoch)
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.data_cpus, batch_format="numpy",
+                        fn_kwargs={"columns": READ_COLUMNS})
     return ds.map_batches(
-        read_and_decode, batch_size=1, num_cpus=cfg.data_cpus, batch_format="numpy", concurrency=READ_AHEAD_ITEMS,
-        fn_kwargs={"first_step": first_step, "end_step": end_step, "units": units, "seed": cfg.train.seed,
-                   "global_batch_size": G, "world_size": world_size,
-                   "rank": rank, "shuffle_window": shuffle_window(cfg, rows), "image_size": size,
-                   "context_length": ctx_len},
+        _preprocess, batch_size=64, num_cpus=cfg.data_cpus, batch_format="numpy",
+        fn_kwargs={"image_size": size, "context_length": ctx_len, "seed": cfg.train.seed},
     )
 
 
@@ -213,14 +165,35 @@ def _geometry(cfg: PretrainConfig) -> tuple[int, int]:
     return size, model_cfg.get("text_cfg", {}).get("context_length", 77)
 
 
-def shuffle_window(cfg: PretrainConfig, rows: int) -> int:
-    """The stream's shuffle window in rows, from the byte bound `shuffle_buffer_mb` (what that many
-    decoded samples, uint8 pixels + two token rows, take), at most one epoch."""
-    if not cfg.shuffle_buffer_mb:
-        return 0
+def dataset_factory(job: dict, units: list[ReadUnit], steps: int):
+    """Called by Ray Train each time a worker group starts (first start, after a failure, a
+    preemption or a resize): begins the stream at the position of the checkpoint the group will
+    restore, read from that checkpoint's position.json in the run's storage."""
+    cfg = PretrainConfig.from_dict({**job, "train": TrainConfig.from_dict(job["train"])})
+    position = latest_registered_position(join(cfg.storage_path, cfg.run_name), POSITION_FILE) or {}
+    start_step = int(position.get("step", 0))
+    G = cfg.train.global_batch_size
+    start_sample = int(position.get("samples", start_step * G))
+    items = plan_reads(units, cfg.train.seed, start_sample, rows_to_plan(steps - start_step, G, cfg.max_workers))
+    print(f"[pretrain] data stream starts at step {start_step}, global sample {start_sample} "
+          f"(epoch {items[0]['epoch']}, {len(items)} row groups planned)", flush=True)
+    return build_dataset(cfg, items)
+
+
+def _ingest_options():
+    """Ray Train's ingest defaults, with the stream's order preserved."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def shuffle_rows(cfg: PretrainConfig) -> int:
+    """The local shuffle buffer in rows, from its byte bound (uint8 pixels + two token rows)."""
     size, ctx_len = _geometry(cfg)
     per_sample = 3 * size * size + 2 * ctx_len * 8
-    return max(0, min(rows, int(cfg.shuffle_buffer_mb * 2**20 // per_sample)))
+    return int(cfg.shuffle_buffer_mb * 2**20 // per_sample)
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -250,6 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     G = cfg.train.global_batch_size
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    share = split_global_batch(G, world)[rank]
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
     model = create_model(cfg.train.model, init_temperature=cfg.train.init_temperature)
@@ -266,10 +240,6 @@ def train_loop_per_worker(config: dict) -> None:
         if position and int(position.get("step", trainer.step)) != trainer.step:
             raise RuntimeError(f"checkpoint position.json says step {position.get('step')}, "
                                f"its trainer state says {trainer.step}")
-        if position and int(position.get("samples", trainer.step * G)) != trainer.step * G:
-            # The stream position is step * G: a different global batch would resume elsewhere.
-            raise RuntimeError(f"checkpoint position.json says {position['samples']} samples consumed at step "
-                               f"{trainer.step}: it was written with another global batch size than {G}")
         if rank == 0:
             print(f"[pretrain] resumed from checkpoint at step {trainer.step}/{steps} "
                   f"(gate state {trainer.gate_state.to_dict()}) with {world} worker(s)", flush=True)
@@ -296,11 +266,14 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"step": trainer.step, "reason": reason, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    # This rank's own stream from the restored step: its slice of every remaining global batch.
-    if rank == 0 and trainer.step < steps:
-        print(f"[pretrain] data stream starts at step {trainer.step}, global sample {trainer.step * G} "
-              f"(epoch {trainer.step * G // config['rows']})", flush=True)
-    batches = _rank_batches(cfg, config["units"], config["rows"], rank, world, trainer.step, steps, device)
+    shard = ray.train.get_dataset_shard("train")
+    buffer_rows = shuffle_rows(cfg) if cfg.shuffle_buffer_mb else 0
+    batches = shard.iter_torch_batches(
+        batch_size=share, drop_last=True, local_shuffle_buffer_size=buffer_rows or None,
+        # A fresh shuffle per rank and per restart point, reproducible from the seed.
+        local_shuffle_seed=(cfg.train.seed * 1_000_003 + trainer.step * 131 + rank) if buffer_rows else None,
+        **trainer_batch_options(device),  # uint8 images, 2 batches prefetched, pinned memory on CUDA
+    )
     notice_seen = None  # the preemption notice a just-in-time checkpoint was already written for
     last_call = None  # the notice's last-moment checkpoint, once written
     timer = _StepTimer()
@@ -342,18 +315,6 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"the data stream ended at step {trainer.step} of {steps}")
     if metrics_log is not None:
         metrics_log.close()
-
-
-def _rank_batches(cfg: PretrainConfig, units: list[ReadUnit], rows: int, rank: int, world: int,
-                  first_step: int, end_step: int, device):
-    """This rank's batches from `first_step` to the end of the schedule, one per step, from one
-    pipeline per SEGMENT_ITEMS read items (a long run is not planned as a million blocks at once;
-    a new pipeline starts once per segment)."""
-    share = batch_shares(cfg.train.global_batch_size, world)[rank]
-    segment = SEGMENT_ITEMS * steps_per_item(share)
-    for start in range(first_step, end_step, segment):
-        dataset = build_rank_dataset(cfg, units, rows, rank, world, start, min(start + segment, end_step))
-        yield from dataset.iter_torch_batches(batch_size=share, drop_last=False, **trainer_batch_options(device))
 
 
 class _StepTimer:
@@ -446,9 +407,14 @@ def run_training(cfg: PretrainConfig):
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows, "units": units},
+        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows},
         scaling_config=scaling,
         run_config=run_config,
+        datasets={"train": functools.partial(dataset_factory, cfg.to_dict(), units, steps)},
+        # Blocks go to the rank with the fewest rows in arrival order, not to the node that holds
+        # them: that keeps the stream a prefix and the global batches the same at every worker
+        # count (the blocks are small preprocessed uint8 rows; moving one costs little next to a step).
+        dataset_config=ray.train.DataConfig(execution_options=_ingest_options(), enable_shard_locality=False),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -486,7 +452,10 @@ def finish_run(cfg: PretrainConfig, checkpoint, summary: dict) -> dict:
         summary["final_metrics"] = {k: last[k] for k in ("loss", "loss_raw", "loss_caption", "infonce_raw",
                                                          "infonce_caption", "fraction_caption_over_raw") if k in last}
     if cfg.export:
-        export_open_clip(model, out_local / "export", gates={"state": state["gate_state"], "sharpness": cfg.train.gate_sharpness, "momentum": cfg.train.gate_momentum, "objective": cfg.train.objective, "step": int(state["step"])})
+        # The gate state the run ended with travels in the export: `alip explore` scores with it.
+        export_open_clip(model, out_local / "export", gates={
+            "state": state["gate_state"], "sharpness": cfg.train.gate_sharpness,
+            "momentum": cfg.train.gate_momentum, "objective": cfg.train.objective, "step": int(state["step"])})
         summary["export"] = join(run_uri, "export")
     if cfg.eval_samples:
         summary["zeroshot"] = evaluate_world_zeroshot(model, n=cfg.eval_samples)
