@@ -5,7 +5,10 @@
     .venv/bin/python bench/bench_train_step.py --model alip-tiny --batch 64 --repeats 5   # seconds
     .venv/bin/python bench/bench_train_step.py --compile       # adds torch.compile (inductor: minutes on CPU)
 
-Measured: (coordinator fills)
+Measured 2026-11-29 with the defaults, alone on the 2-core CPU box (273 s; medians s/step):
+    ALIP / CLIP 1.11x (4.83 / 4.35), official-style / ALIP 1.70x, short texts split / joint 1.02x (auto: joint),
+    long raw texts joint / split 1.39x, ALIP(split) / CLIP-long 1.07x, grad-checkpointing / eager 1.15x,
+    4 micro-batches / full batch 1.58x (9.04 / 5.73); bf16 skipped (AVX2-only CPU).
 
 The default batch is 16, not the issues' 32: about 50 steps of ViT-B-32 (a warm-up and 3 timed
 rounds of every variant) at batch 32 take over 10 minutes on a 2-core CPU; at 16 the run fits in
