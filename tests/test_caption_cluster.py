@@ -100,6 +100,20 @@ def busy_node(log_dir, min_keys: int = 8) -> tuple[str, list[int]]:
     return None
 
 
+def assert_poison_rejected(tmp_path, summary, keys, bad, poison, rows, given_up, cause):
+    """Every row once; the poison rows rejected as given up on (`given_up: cause...`), the corrupt
+    ones as corrupt; the summary's counts agree. Returns the (data, rejects) tables."""
+    data, rejects = assert_exactly_once(str(tmp_path / "out"), keys, bad + poison)
+    reasons = dict(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist()))
+    for k in poison:
+        assert reasons[k].startswith(f"{given_up}: {cause}"), reasons[k]
+    rejected = len(bad) + len(poison)
+    assert summary["rows_captioned"] == rows - rejected and summary["rows_rejected"] == rejected
+    assert summary["rejected_by_reason"][given_up] == len(poison)
+    assert sum(summary["rejected_by_reason"].values()) == rejected
+    return data, rejects
+
+
 def test_lost_node_shrinks_the_pool_and_the_job_completes_exactly_once(cluster, tmp_path, monkeypatch):
     keys, bad = write_world(str(tmp_path / "in"), ROWS, shards=3, n_corrupt=6)
     log_dir = tmp_path / "log"
@@ -168,13 +182,8 @@ def test_rows_that_crash_the_captioner_end_in_rejects_and_the_job_ends(cluster, 
     run = Background(job(tmp_path, max_unit_attempts=2))
     summary = run.join(timeout=300)
 
-    data, rejects = assert_exactly_once(str(tmp_path / "out"), keys, bad + poison)
-    reasons = dict(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist()))
-    for k in poison:
-        assert reasons[k].startswith("captioner failed 2 time(s) on this image: caption worker crashed"), reasons[k]
-    assert summary["rows_captioned"] == ROWS - 5 and summary["rows_rejected"] == 5
-    assert summary["rejected_by_reason"]["captioner failed 2 time(s) on this image"] == 2
-    assert sum(summary["rejected_by_reason"].values()) == 5
+    assert_poison_rejected(tmp_path, summary, keys, bad, poison, ROWS,
+                           "captioner failed 2 time(s) on this image", "caption worker crashed")
     events = summary["cluster_events"]
     # One crash of the batch, then each poison row once more alone: 3 crashed actors in all.
     assert events["rows_poisoned"] == 2 and events["actors_lost"] == 3 and events["nodes_lost"] == [], \
@@ -194,12 +203,8 @@ def test_rows_that_crash_the_decode_task_end_in_rejects_and_the_job_ends(cluster
     run = Background(job(tmp_path, max_unit_attempts=2))
     summary = run.join(timeout=300)
 
-    data, rejects = assert_exactly_once(str(tmp_path / "out"), keys, bad + poison)
-    reasons = dict(zip(rejects.column("key").to_pylist(), rejects.column("reason").to_pylist()))
-    for k in poison:
-        assert reasons[k].startswith("decode failed 2 time(s) on this image: decode crashed the worker"), reasons[k]
-    assert summary["rows_captioned"] == n - 5 and summary["rows_rejected"] == 5
-    assert summary["rejected_by_reason"]["decode failed 2 time(s) on this image"] == 2
+    assert_poison_rejected(tmp_path, summary, keys, bad, poison, n,
+                           "decode failed 2 time(s) on this image", "decode crashed the worker")
     events = summary["cluster_events"]
     # The unit crashed once as a whole (after Ray's retries), then each poison row once alone.
     assert events["prepare_crashes"] == 1 and events["rows_poisoned"] == 2, (events, run.lines)
