@@ -9,7 +9,7 @@ to run any task"; Ray Train: workers pending). This module answers the question 
   and the control plane, whose actors ask for no resources);
 - a job is a list of resource bundles that must all run at once: for pretraining, one
   `{CPU: cpus_per_worker, GPU: 1}` per Ray Train worker (what job.py puts in ScalingConfig)
-  plus the Ray Data preprocessing tasks that feed them, `{CPU: data_cpus}` each; for
+  plus the read + decode tasks that feed them (alip.pretrain.rank_reader), `{CPU: data_cpus}` each; for
   captioning, one `{CPU: cpus_per_actor, GPU: gpus_per_actor}` per caption actor plus the
   prepare (decode) and finish (commit) tasks the driver keeps in flight for it;
 - `pack` places the bundles with first-fit-decreasing onto nodes it opens within the count
@@ -92,7 +92,7 @@ class Demand:
 
 def pretrain_demand(workers: int, cpus_per_worker: float, use_gpu: bool, data_cpus: float,
                     data_tasks_per_worker: int = DATA_TASKS_PER_TRAIN_WORKER) -> Demand:
-    """Ray Train workers (job.py's ScalingConfig.resources_per_worker) + their Ray Data tasks."""
+    """Ray Train workers (job.py's ScalingConfig.resources_per_worker) + their read + decode tasks."""
     trainer = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
     bundles = [Bundle(f"pretrain worker {i}", trainer) for i in range(workers)]
     bundles += [Bundle(f"pretrain data task {i}", {"CPU": float(data_cpus)})

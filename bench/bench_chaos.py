@@ -31,8 +31,8 @@ output within about a second). Job logs, with those times, are kept in the print
 
 Ray Train's controller reads RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (default 60 s) when it starts a
 group. The bench leaves it at the default unless --group-start-timeout-s is given (then it is set in
-the environment the cluster's raylets, and so the controller actor, start with: a variable set only
-for the job's driver process does not reach the controller). Other settings are the job's and the
+the bench's environment, which the cluster's raylets and the job's driver inherit; Ray Train also
+forwards it from the driver to its controller and workers: ray.train.v2 ENV_VARS_TO_PROPAGATE). Other settings are the job's and the
 tiny preset's defaults unless a flag says otherwise, so the figures are what a user of the job gets.
 """
 from __future__ import annotations

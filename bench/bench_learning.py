@@ -35,7 +35,16 @@ colour_shape 17.3, PATTERN 49.2 (1.21 CPU s per step). Caveat: even the oracle l
 modestly at 200-300 steps (22-24 vs chance 16.7), so the shape gaps have a low ceiling at this
 budget. (Measured on the loaded box; the run alone, in the table, gives the oracle over 3 seeds.)
 
-Measured: (to be filled by the coordinator from a run alone)
+Measured (the first command above, alone on the 2-core box; 59.6 min in all, 54.2 min of training):
+zero-shot top-1 %, mean +- std over seeds 0, 1, 2        shape        colour       colour_shape  pattern
+    alip                                                 22.3 +- 1.2  100.0 +- 0.0  18.9 +- 1.9   25.6 +- 1.0
+    clip                                                 16.1 +- 0.5   99.9 +- 0.1  17.4 +- 1.3   24.2 +- 2.3
+    caption                                              22.0 +- 1.1   99.8 +- 0.1  16.1 +- 0.4   25.3 +- 0.6
+    alip_no_lcg                                          22.7 +- 0.7   99.9 +- 0.1  18.8 +- 0.3   26.7 +- 1.2
+    alip_no_dcg                                          22.6 +- 1.3  100.0 +- 0.0  19.2 +- 2.1   26.4 +- 1.3
+    oracle                                               22.2 +- 0.3   98.8 +- 1.5  16.2 +- 1.0   48.5 +- 0.7
+ALIP - CLIP: shape +6.3 +- 1.5 (3/3 seeds), colour_shape +1.6 +- 0.7 (3/3). ALIP vs caption-only and
+vs either ablation: within noise on every task (the README says so). Only the oracle learns the pattern.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The pretraining data stream, config flags and metrics log, without Ray: per-epoch permutations,
-resume positions in global samples, worker ranges, boolean flags, required --config/--data, the
-metrics JSONL cut back to a checkpoint's offset, and the plot's unweighted InfoNCE panel."""
-import json
+resume positions in global samples, each rank's fixed slice of every global batch (whatever the
+worker count), the windowed shuffle, the reader and the job's read task, worker ranges, boolean
+flags, required --config/--data, the metrics JSONL cut back to a checkpoint's offset, and the
+plot's unweighted InfoNCE panel."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,8 +12,8 @@ import torch
 from alip.pretrain.config import config_from_args, parse_workers
 from alip.pretrain.metrics import PLOTTED, MetricsLog, host_records, plot_history, read_history
 from alip.pretrain.stream import (
-    ReadUnit, epoch_order, latest_registered_position, plan_reads, read_items, read_trace, rows_to_plan,
-    total_steps,
+    ReadUnit, batch_shares, epoch_order, locate, n_rank_items, plan_reads, rank_items, rank_positions, rank_slice,
+    read_positions, read_trace, shuffle_positions, total_steps,
 )
 from world_fixtures import write_reference_captioned_world
 
@@ -55,35 +56,67 @@ def test_resume_plan_starts_at_the_first_unconsumed_row(start):
 def test_steps_depend_on_the_global_batch_only():
     assert total_steps(rows_per_epoch=1000, epochs=3, global_batch_size=128, max_steps=None) == 23
     assert total_steps(1000, 3, 128, max_steps=7) == 7
-    # Enough rows are planned for the largest share on an equal split of the stream.
-    steps_left, G, W = 10, 10, 3
-    assert rows_to_plan(steps_left, G, W) // W >= steps_left * -(-G // W)
 
 
-def test_reader_yields_the_planned_rows_in_blocks_and_traces_them(tmp_path, monkeypatch):
-    data = write_reference_captioned_world(tmp_path / "d", n=40, shards=1)
-    shard = f"{data}/part-00000.parquet"
+@pytest.mark.parametrize("G, W", [(24, 1), (24, 2), (24, 5), (7, 3), (128, 8), (10, 10)])
+def test_rank_r_trains_a_fixed_slice_of_each_global_batch(G, W):
+    """Rank r's rows for step s are exactly stream positions [s G + off_r, s G + off_r + share_r):
+    the ranks' slices tile the global batch, so the step's rows are the same at every W."""
+    shares = batch_shares(G, W)
+    assert sum(shares) == G and max(shares) - min(shares) <= 1
+    offsets = np.cumsum([0] + shares[:-1])
+    for s in (0, 1, 5, 37):
+        slices = [rank_slice(s, G, W, r) for r in range(W)]
+        assert slices == [(s * G + offsets[r], s * G + offsets[r] + shares[r]) for r in range(W)]
+        assert sorted(p for a, b in slices for p in range(a, b)) == list(range(s * G, (s + 1) * G))
+    for r in range(W):  # a run of steps: step by step, each step the rank's slice
+        got = rank_positions(3, 4, G, W, r)
+        assert list(got) == [p for s in range(3, 7) for p in range(*rank_slice(s, G, W, r))]
+    with pytest.raises(ValueError, match="cannot split a global batch of 3 over 4 workers"):
+        batch_shares(3, 4)
+
+
+def test_rank_items_cover_exactly_the_remaining_steps():
+    items = rank_items(first_step=5, end_step=30, share=12, min_rows=64)  # 6 steps (72 rows) an item
+    assert [(i["first_step"], i["steps"]) for i in items] == [(5, 6), (11, 6), (17, 6), (23, 6), (29, 1)]
+    assert rank_items(7, 7, 12) == []
+    assert [i["steps"] for i in rank_items(0, 3, 512)] == [1, 1, 1]  # big shares: one step an item
+    for first, end, share, min_rows in [(5, 30, 12, 64), (7, 7, 12, 16), (0, 3, 512, 16), (3, 1000, 5, 16)]:
+        assert n_rank_items(first, end, share, min_rows) == len(rank_items(first, end, share, min_rows))
+
+
+def test_windowed_shuffle_permutes_inside_each_window_only():
+    pos = np.arange(0, 100)
+    src = shuffle_positions(pos, seed=1, window=16)
+    for k in range(0, 96, 16):
+        assert sorted(src[k:k + 16]) == list(range(k, k + 16))  # a permutation of the window
+    assert list(src) != list(pos)
+    assert list(shuffle_positions(pos[37:53], 1, 16)) == list(src[37:53])  # the same from any start
+    assert list(shuffle_positions(pos, 2, 16)) != list(src)
+    assert list(shuffle_positions(pos, 1, 0)) == list(pos)
+
+
+def test_locate_matches_the_epoch_permutation():
+    unit_idx, rows, epochs = locate(UNITS, 3, np.arange(0, 3 * ROWS))
+    expect = [(int(u), r, e) for e in range(3) for u in epoch_order(len(UNITS), 3, e) for r in range(UNITS[u].rows)]
+    assert list(zip(unit_idx.tolist(), rows.tolist(), epochs.tolist())) == expect
+
+
+def test_reader_returns_the_rows_at_the_positions_and_traces_them(tmp_path, monkeypatch):
+    data = write_reference_captioned_world(tmp_path / "d", n=40, shards=2)
+    units = [ReadUnit(f"{data}/part-0000{i}.parquet", 0, 20) for i in range(2)]
+    keys = [pq.read_table(u.shard).column("key").to_pylist() for u in units]
     monkeypatch.setenv("ALIP_READ_TRACE_DIR", str(tmp_path / "trace"))
-    item = {"shard": np.array([shard]), "row_group": np.array([0]), "start": np.array([5]),
-            "stop": np.array([40]), "stream_start": np.array([105]), "epoch": np.array([2])}
-    parts = list(read_items(item, columns=["key", "caption"], block_rows=16))
-    assert [p.num_rows for p in parts] == [16, 16, 3]
-    keys = [k for p in parts for k in p.column("key").to_pylist()]
-    assert keys == pq.read_table(shard).column("key").to_pylist()[5:40]
-    assert {e for p in parts for e in p.column("epoch").to_pylist()} == {2}
-    assert [(a, b) for a, b, _ in read_trace(str(tmp_path / "trace"))] == [(105, 16), (121, 16), (137, 3)]
-
-
-def test_dataset_factory_reads_the_registered_checkpoints_position(tmp_path):
-    run = tmp_path / "run"
-    assert latest_registered_position(str(run), "position.json") is None
-    (run / "checkpoint_000003").mkdir(parents=True)
-    (run / "checkpoint_000003" / "position.json").write_text(json.dumps({"step": 30, "samples": 720}))
-    (run / "checkpoint_000004").mkdir()  # uploaded but never registered: must not be used
-    (run / "checkpoint_000004" / "position.json").write_text(json.dumps({"step": 40, "samples": 960}))
-    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000003", "metrics": {"step": 30}}}))
-    assert latest_registered_position(str(run), "position.json") == {"step": 30, "samples": 720}
+    positions = rank_positions(2, 3, 8, 2, 1)  # rank 1 of 2, steps 2-4 of G = 8: crosses epoch 0 -> 1
+    table = read_positions(units, 5, positions, ["key", "caption"])
+    unit_idx, rows, epochs = locate(units, 5, positions)
+    assert table.column("key").to_pylist() == [keys[u][r] for u, r in zip(unit_idx, rows)]
+    assert table.column("epoch").to_pylist() == [p // 40 for p in positions] == epochs.tolist()
+    assert [(a, b) for a, b, _ in read_trace(str(tmp_path / "trace"))] == [(20, 4), (28, 4), (36, 4)]
+    shuffled = read_positions(units, 5, positions, ["key"], shuffle_window=16)
+    src = shuffle_positions(positions, 5, 16)
+    u2, r2, _ = locate(units, 5, src)
+    assert shuffled.column("key").to_pylist() == [keys[u][r] for u, r in zip(u2, r2)]
 
 
 # ----------------------------------------------------------------------------- config
@@ -211,3 +244,62 @@ def test_plot_has_the_unweighted_infonce_panel(tmp_path):
         "infonce_raw": [r["infonce_raw"] for r in history], "infonce_caption": [r["infonce_caption"] for r in history]}
     orig_close(captured["fig"])
     assert set(plt.get_fignums()) == fig_before
+
+
+def test_every_worker_count_decodes_the_same_global_batches(tmp_path):
+    """The job's read task (alip.pretrain.job.read_and_decode, called directly: no Ray): for each
+    step, the ranks' outputs concatenated in rank order are the same rows, decoded and augmented
+    to the same bytes, at W = 1, 2 and 3 -- across an epoch boundary and with the shuffle window."""
+    from alip.pretrain.job import read_and_decode
+    from alip.pretrain.stream import steps_per_item
+
+    data = write_reference_captioned_world(tmp_path / "d", n=40, shards=2)
+    units = [ReadUnit(f"{data}/part-0000{i}.parquet", 0, 20) for i in range(2)]
+    G, first, end = 9, 2, 7  # steps 2-6 read positions 18-62: epoch 0 -> 1
+
+    def global_batches(W: int, window: int) -> list[list[bytes]]:
+        per_rank = []
+        for r in range(W):
+            share = batch_shares(G, W)[r]
+            out = {}
+            for i in range(len(rank_items(first, end, share))):
+                got = read_and_decode(i, first, end, units, 7, G, W, r, window, 32, 77)
+                assert got["image"].dtype == np.uint8 and len(got["image"]) % share == 0
+                for k, v in got.items():
+                    out.setdefault(k, []).append(v)
+            images = np.concatenate(out["image"])
+            assert len(images) == (end - first) * share and steps_per_item(share) >= 1
+            per_rank.append([images[s * share:(s + 1) * share] for s in range(end - first)])
+        return [[img.tobytes() for r in range(W) for img in per_rank[r][s]] for s in range(end - first)]
+
+    for window in (0, 16):
+        one = global_batches(1, window)
+        assert all(len(b) == G for b in one) and len({x for b in one for x in b}) == len(one) * G
+        assert global_batches(2, window) == one
+        assert global_batches(3, window) == one
+    assert global_batches(1, 16) != global_batches(1, 0)  # the window does shuffle
+
+
+def test_an_undecodable_row_keeps_every_step_at_its_share(tmp_path, caplog):
+    """A corrupt image is skipped (with a warning) and its step is filled up from the step's other
+    rows: the ranks' shares are fixed by the config, so a step must never come up short or borrow
+    rows of the next step."""
+    import pyarrow as pa
+
+    from alip.pretrain.job import read_and_decode
+
+    data = write_reference_captioned_world(tmp_path / "d", n=16, shards=1)
+    shard = f"{data}/part-00000.parquet"
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[3] = b"not an image"
+    pq.write_table(table.set_column(table.column_names.index("image"), "image",
+                                    pa.array(images, type=table.schema.field("image").type)), shard)
+    units = [ReadUnit(shard, 0, 16)]
+    got = read_and_decode(0, 0, 2, units, 0, 8, 1, 0, 0, 32, 77)
+    assert len(got["image"]) == len(got["raw_tokens"]) == 16
+    assert "skipping row" in caplog.text
+    bad_step = 0 if int(np.flatnonzero(locate(units, 0, np.arange(16))[1] == 3)[0]) < 8 else 1
+    step = [img.tobytes() for img in got["image"][bad_step * 8:(bad_step + 1) * 8]]
+    other = [img.tobytes() for img in got["image"][(1 - bad_step) * 8:(2 - bad_step) * 8]]
+    assert len(set(step)) == 7 and len(set(other)) == 8  # one row repeated, only in the bad row's step

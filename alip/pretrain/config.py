@@ -54,7 +54,7 @@ class PretrainConfig:
     num_workers: str = "2"  # "8" fixed or "2-8" elastic (min-max)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    data_cpus: float = 0.5  # per Ray Data preprocessing task (decode + augment + tokenise)
+    data_cpus: float = 0.5  # per read task of a rank (read + decode + augment + tokenise)
     checkpoint_every: int = 100  # steps
     keep_checkpoints: int = 2
     max_failures: int = 3  # real failures (crashes) tolerated; preemptions do not count (unlimited)

@@ -2,9 +2,12 @@
 per-worker loop. The math lives in alip.training / alip.loss; this file only wires Ray around it.
 
 Data: the captioned Parquet dataset, read as a stream of row groups in a seeded permutation per
-epoch (alip.pretrain.stream) -> Ray Data (decode + augment + tokenise in CPU tasks) ->
-`get_dataset_shard("train").iter_torch_batches(rank's share of the global batch)`. Gates and loss
-are computed over the global batch by ALIPLoss (all_gather across the DDP workers).
+epoch (alip.pretrain.stream). Global step s trains on stream rows [s G, (s + 1) G) whatever the
+worker count; rank r of W trains a fixed slice of them. Each rank reads its own rows from the step
+of the checkpoint it restored: read + decode + augment + tokenise only its own rows, in Ray CPU
+tasks READ_AHEAD_ITEMS ahead of its step, in order (alip.pretrain.rank_reader says why plain
+tasks and not Ray Data's streaming_split). Gates and loss are computed over the global batch by
+ALIPLoss (all_gather across the DDP workers), so W workers train what one worker trains.
 
 Elastic and fault tolerant (Ray Train V2):
 - `num_workers: 2-8` is `ScalingConfig(num_workers=(2, 8))`: the run starts once 2 workers are
@@ -17,9 +20,10 @@ Elastic and fault tolerant (Ray Train V2):
   goes. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
 - A checkpoint holds model, optimiser, scheduler, gate momentum state and `position.json` (step,
   global samples consumed, the metrics log's offset): no metric history, so every checkpoint has
-  the same size. When a worker group starts, the dataset factory reads the `position.json` of the
-  checkpoint Ray Train restores and the stream begins at its first unconsumed row group: nothing
-  already trained on is read or decoded again, except what was in flight.
+  the same size. When a worker group starts, each rank plans its stream from the step of the
+  checkpoint it restored (`ray.train.get_checkpoint()`, checked against its position.json): nothing
+  already trained on is read or decoded again, and what was decoded but not trained at a kill is
+  the read-ahead in flight (a few items per rank).
 Re-running the same command (same run name and storage path) resumes the same way.
 """
 from __future__ import annotations
@@ -37,21 +41,28 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from alip.cluster_fit import DATA_TASKS_PER_TRAIN_WORKER
 from alip.data.dataset import list_shards
 from alip.data.schema import CAPTION, IMAGE, KEY, RAW_TEXT
 from alip.data.storage import join, resolve
 from alip.model import create_model, export_open_clip, model_config
 from alip.pretrain.config import PretrainConfig
 from alip.pretrain.metrics import MetricsLog, plot_history, read_history
-from alip.pretrain.data import trainer_batch_options
 from alip.pretrain.stream import (
-    ReadUnit, latest_registered_position, plan_reads, read_items, rows_to_plan, total_steps, units_of_shard,
+    ReadUnit, batch_shares, n_rank_items, rank_positions, read_positions, steps_per_item, total_steps,
+    units_of_shard,
 )
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
 TRAINER_FILE = "trainer.pt"
 POSITION_FILE = "position.json"
 READ_COLUMNS = [KEY, IMAGE, RAW_TEXT, CAPTION]
+# Read-ahead of one rank, in read items (alip.pretrain.stream.rank_items: whole steps of its
+# slice, at least MIN_ITEM_ROWS rows): READ_AHEAD_ITEMS decode tasks run ahead of the item being
+# trained (alip.pretrain.rank_reader), as many as alip.cluster_fit makes room for next to each
+# train worker. So a kill loses at most (READ_AHEAD_ITEMS + 1) items of decoding per rank
+# (measured in tests/test_pretrain_job.py).
+READ_AHEAD_ITEMS = DATA_TASKS_PER_TRAIN_WORKER
 
 
 class PretrainConfigError(ValueError):
@@ -126,36 +137,60 @@ def _preprocessor(image_size: int, context_length: int, seed: int):
     return TrainPreprocessor(image_size, context_length, train=True, seed=seed)
 
 
-def _preprocess(batch: dict, image_size: int, context_length: int, seed: int) -> dict:
-    # A plain function (Ray tasks) with the transform/tokenizer cached per worker process.
-    return _preprocessor(image_size, context_length, seed)(batch)
+def read_and_decode(item: int, first_step: int, end_step: int, units: list[ReadUnit], seed: int,
+                    global_batch_size: int, world_size: int, rank: int, shuffle_window: int, image_size: int,
+                    context_length: int) -> dict:
+    """One read item of rank `rank` (its index in `rank_items(first_step, end_step, share)`): the
+    rank's rows of the item's steps, read, decoded, augmented and tokenised, exactly `share` rows
+    per step in step order (a Ray task of alip.pretrain.rank_reader). A row that cannot be decoded
+    is skipped with a warning (alip.pretrain.data) and its step is filled up by repeating that
+    step's other rows, so every step still has its share: the ranks' batch shares are fixed by the
+    config (the loss gathers them without a size exchange)."""
+    share = batch_shares(global_batch_size, world_size)[rank]
+    per_item = steps_per_item(share)
+    first = first_step + int(item) * per_item
+    n_steps = min(per_item, end_step - first)
+    positions = rank_positions(first, n_steps, global_batch_size, world_size, rank)
+    table = read_positions(units, seed, positions, READ_COLUMNS, shuffle_window)
+    prep = _preprocessor(image_size, context_length, seed)
+    out: dict[str, list] = {}
+    for i in range(n_steps):
+        rows = table.slice(i * share, share)
+        step = prep({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names})
+        got = len(step["image"])
+        if got == 0:
+            raise RuntimeError(f"no row of rank {rank}'s share of step {first + i} could be decoded")
+        if got < share:  # deterministic fill: the same rows whoever decodes them
+            step = {k: v[np.arange(share) % got] for k, v in step.items()}
+        for k, v in step.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def build_dataset(cfg: PretrainConfig, items: list[dict]):
-    """The stream as a Ray Data pipeline: one read task per planned unit (row group, from its first
-    unconsumed row), then decode + augment + tokenise in CPU tasks. Order is preserved (see
-    `_ingest_options`), so the stream is consumed as a prefix and a position is a row count."""
-    import ray.data
+def rank_batches(cfg: PretrainConfig, units: list[ReadUnit], rows: int, rank: int, world_size: int,
+                 first_step: int, end_step: int, device="cpu", read_ahead: int = READ_AHEAD_ITEMS):
+    """Rank `rank`'s batches, one per step from `first_step` (its checkpoint's step) to `end_step`
+    (the end of the schedule): its slice of each global batch, decoded in Ray tasks `read_ahead`
+    items ahead (alip.pretrain.rank_reader), as the torch tensors the step takes (uint8 images,
+    int64 tokens; pinned host memory on CUDA so the copy to the GPU can overlap)."""
+    from alip.pretrain.rank_reader import read_ahead_items
 
-    from alip.pretrain.data import with_epoch
-
+    G = cfg.train.global_batch_size
+    share = batch_shares(G, world_size)[rank]
     size, ctx_len = _geometry(cfg)
-
-    def read_unit(batch: dict, columns: list[str]):
-        # batch_size=1: one planned unit per call. Its rows carry the unit's epoch to the
-        # preprocessor, which seeds each row's augmentation with (seed, epoch, key): reproducible,
-        # and a fresh crop of every image each epoch.
-        epoch = int(batch["epoch"][0])
-        for part in read_items(batch, columns):
-            yield with_epoch(part, epoch)
-
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
-    ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.data_cpus, batch_format="numpy",
-                        fn_kwargs={"columns": READ_COLUMNS})
-    return ds.map_batches(
-        _preprocess, batch_size=64, num_cpus=cfg.data_cpus, batch_format="numpy",
-        fn_kwargs={"image_size": size, "context_length": ctx_len, "seed": cfg.train.seed},
-    )
+    pin = torch.device(device).type == "cuda"
+    items = read_ahead_items(
+        read_and_decode, n_rank_items(first_step, end_step, share), read_ahead, num_cpus=cfg.data_cpus,
+        kwargs={"first_step": first_step, "end_step": end_step, "units": units, "seed": cfg.train.seed,
+                "global_batch_size": G, "world_size": world_size, "rank": rank,
+                "shuffle_window": shuffle_window(cfg, rows), "image_size": size, "context_length": ctx_len})
+    for arrays in items:
+        tensors = {IMAGE: torch.from_numpy(arrays[IMAGE]),  # stays uint8: normalised on the device
+                   "raw_tokens": torch.from_numpy(arrays["raw_tokens"].astype(np.int64)),
+                   "caption_tokens": torch.from_numpy(arrays["caption_tokens"].astype(np.int64))}
+        for s in range(len(tensors[IMAGE]) // share):
+            batch = {k: v[s * share:(s + 1) * share] for k, v in tensors.items()}
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
 
 
 def _geometry(cfg: PretrainConfig) -> tuple[int, int]:
@@ -165,35 +200,14 @@ def _geometry(cfg: PretrainConfig) -> tuple[int, int]:
     return size, model_cfg.get("text_cfg", {}).get("context_length", 77)
 
 
-def dataset_factory(job: dict, units: list[ReadUnit], steps: int):
-    """Called by Ray Train each time a worker group starts (first start, after a failure, a
-    preemption or a resize): begins the stream at the position of the checkpoint the group will
-    restore, read from that checkpoint's position.json in the run's storage."""
-    cfg = PretrainConfig.from_dict({**job, "train": TrainConfig.from_dict(job["train"])})
-    position = latest_registered_position(join(cfg.storage_path, cfg.run_name), POSITION_FILE) or {}
-    start_step = int(position.get("step", 0))
-    G = cfg.train.global_batch_size
-    start_sample = int(position.get("samples", start_step * G))
-    items = plan_reads(units, cfg.train.seed, start_sample, rows_to_plan(steps - start_step, G, cfg.max_workers))
-    print(f"[pretrain] data stream starts at step {start_step}, global sample {start_sample} "
-          f"(epoch {items[0]['epoch']}, {len(items)} row groups planned)", flush=True)
-    return build_dataset(cfg, items)
-
-
-def _ingest_options():
-    """Ray Train's ingest defaults, with the stream's order preserved."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
-def shuffle_rows(cfg: PretrainConfig) -> int:
-    """The local shuffle buffer in rows, from its byte bound (uint8 pixels + two token rows)."""
+def shuffle_window(cfg: PretrainConfig, rows: int) -> int:
+    """The stream's shuffle window in rows, from the byte bound `shuffle_buffer_mb` (what that many
+    decoded samples, uint8 pixels + two token rows, take), at most one epoch."""
+    if not cfg.shuffle_buffer_mb:
+        return 0
     size, ctx_len = _geometry(cfg)
     per_sample = 3 * size * size + 2 * ctx_len * 8
-    return int(cfg.shuffle_buffer_mb * 2**20 // per_sample)
+    return max(0, min(rows, int(cfg.shuffle_buffer_mb * 2**20 // per_sample)))
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -223,7 +237,6 @@ def train_loop_per_worker(config: dict) -> None:
     G = cfg.train.global_batch_size
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    share = split_global_batch(G, world)[rank]
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
     model = create_model(cfg.train.model, init_temperature=cfg.train.init_temperature)
@@ -240,6 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
         if position and int(position.get("step", trainer.step)) != trainer.step:
             raise RuntimeError(f"checkpoint position.json says step {position.get('step')}, "
                                f"its trainer state says {trainer.step}")
+        if position and int(position.get("samples", trainer.step * G)) != trainer.step * G:
+            # The stream position is step * G: a different global batch would resume elsewhere.
+            raise RuntimeError(f"checkpoint position.json says {position['samples']} samples consumed at step "
+                               f"{trainer.step}: it was written with another global batch size than {G}")
         if rank == 0:
             print(f"[pretrain] resumed from checkpoint at step {trainer.step}/{steps} "
                   f"(gate state {trainer.gate_state.to_dict()}) with {world} worker(s)", flush=True)
@@ -266,14 +283,11 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report({"step": trainer.step, "reason": reason, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    shard = ray.train.get_dataset_shard("train")
-    buffer_rows = shuffle_rows(cfg) if cfg.shuffle_buffer_mb else 0
-    batches = shard.iter_torch_batches(
-        batch_size=share, drop_last=True, local_shuffle_buffer_size=buffer_rows or None,
-        # A fresh shuffle per rank and per restart point, reproducible from the seed.
-        local_shuffle_seed=(cfg.train.seed * 1_000_003 + trainer.step * 131 + rank) if buffer_rows else None,
-        **trainer_batch_options(device),  # uint8 images, 2 batches prefetched, pinned memory on CUDA
-    )
+    # This rank's own stream from the restored step: its slice of every remaining global batch.
+    if rank == 0 and trainer.step < steps:
+        print(f"[pretrain] data stream starts at step {trainer.step}, global sample {trainer.step * G} "
+              f"(epoch {trainer.step * G // config['rows']})", flush=True)
+    batches = rank_batches(cfg, config["units"], config["rows"], rank, world, trainer.step, steps, device)
     notice_seen = None  # the preemption notice a just-in-time checkpoint was already written for
     last_call = None  # the notice's last-moment checkpoint, once written
     timer = _StepTimer()
@@ -407,14 +421,9 @@ def run_training(cfg: PretrainConfig):
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows},
+        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows, "units": units},
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": functools.partial(dataset_factory, cfg.to_dict(), units, steps)},
-        # Blocks go to the rank with the fewest rows in arrival order, not to the node that holds
-        # them: that keeps the stream a prefix and the global batches the same at every worker
-        # count (the blocks are small preprocessed uint8 rows; moving one costs little next to a step).
-        dataset_config=ray.train.DataConfig(execution_options=_ingest_options(), enable_shard_locality=False),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -452,10 +461,7 @@ def finish_run(cfg: PretrainConfig, checkpoint, summary: dict) -> dict:
         summary["final_metrics"] = {k: last[k] for k in ("loss", "loss_raw", "loss_caption", "infonce_raw",
                                                          "infonce_caption", "fraction_caption_over_raw") if k in last}
     if cfg.export:
-        # The gate state the run ended with travels in the export: `alip explore` scores with it.
-        export_open_clip(model, out_local / "export", gates={
-            "state": state["gate_state"], "sharpness": cfg.train.gate_sharpness,
-            "momentum": cfg.train.gate_momentum, "objective": cfg.train.objective, "step": int(state["step"])})
+        export_open_clip(model, out_local / "export", gates={"state": state["gate_state"], "sharpness": cfg.train.gate_sharpness, "momentum": cfg.train.gate_momentum, "objective": cfg.train.objective, "step": int(state["step"])})
         summary["export"] = join(run_uri, "export")
     if cfg.eval_samples:
         summary["zeroshot"] = evaluate_world_zeroshot(model, n=cfg.eval_samples)

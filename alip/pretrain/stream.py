@@ -1,29 +1,33 @@
-"""The pretraining data stream: which rows a run reads, in which order, from which position.
+"""The pretraining data stream: which rows each rank reads, in which order, from which position.
 
 A dataset is a list of read units (one Parquet row group each). Epoch e reads all units in a
-permutation of its own, seeded by (seed, e); the epochs are concatenated into one stream of rows,
-and global step s trains on stream rows [s * G, (s + 1) * G) where G is the global batch. So the
-data position is a number of global samples, `step * G`, independent of the worker count, and a
-resumed run reads from the first unconsumed unit (from the first unconsumed row of it): no row that
-was already trained on is decoded again, except the rows that were in flight when the run died.
+permutation of its own, seeded by (seed, e); the epochs are concatenated into one stream of rows.
+Optionally the stream is shuffled further inside windows of `shuffle_window` consecutive positions
+(a seeded permutation per window: the bounded local shuffle, done in the plan rather than in a
+per-worker buffer so that it does not depend on the worker count).
 
-Which rank trains which rows: the decoded stream comes in blocks and Ray Train's split deals each
-block to a rank (the one with the fewest rows so far), so the global batch SIZE is exact at every
-worker count but its rows depend on how blocks were dealt: the rows consumed at step s are the
-stream prefix s G give or take the blocks each rank holds, and a resume re-reads from row s G, so
-those rows may be trained once more or not at all in that epoch. (Whether global batches can be
-made identical across worker counts is open: tests/test_pretrain_job.py's 1-vs-2-worker test
-through Ray Data is an xfail.)
+Global step s trains on stream positions [s * G, (s + 1) * G), G the global batch: a fixed set of
+rows whatever the worker count. With W workers rank r takes a fixed contiguous slice of it,
+positions [s G + off_r, s G + off_r + share_r) with `batch_shares(G, W)` (G // W rows, one more for
+the first G % W ranks; off_r the sum of the shares before r). Gates and loss are computed over the
+gathered global batch and are invariant to the order of its rows, so W workers train exactly what
+one worker trains (tests/test_pretrain_job.py compares 1 and 2 workers through the real job).
 
-Pure Python (+ pyarrow metadata); no Ray, unit-tested directly.
+Each rank reads only its own rows, in step order: its plan is a list of small items (a few steps of
+its slice each, `rank_items`), and a read task turns an item into exactly those rows, decoded. The
+data position is a number of global samples, `step * G`: a resumed run (any worker count) plans
+from its checkpoint's step, so no row already trained on is read or decoded again, and the rows
+decoded but never trained at a kill are only the items in flight (bounded by the job, see
+alip.pretrain.job.READ_AHEAD_ITEMS).
+
+Pure Python (+ numpy, pyarrow); no Ray, unit-tested directly.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,13 +35,18 @@ import pyarrow.parquet as pq
 
 from alip.data.storage import resolve
 
-# Rows per block the reader hands to the decode stage: small enough that "blocks in flight" stays
-# a small number of rows, large enough that per-block overhead is negligible.
-READ_BLOCK_ROWS = 256
 # Environment variable naming a directory where every reader process appends the stream ranges it
-# read (one "first_row count" line per block): how the tests and bench_chaos count decoded rows.
+# decoded (one "first_position count time" line per contiguous range): how the tests and
+# bench_chaos count decoded rows.
 READ_TRACE_ENV = "ALIP_READ_TRACE_DIR"
 EPOCH_COLUMN = "epoch"  # alip.pretrain.data.EPOCH: part of each row's augmentation seed
+# Rows a read item holds at least (whole steps of a rank's slice): one step of a real run (a
+# rank's share is hundreds of rows), a few steps of a tiny one, so per-task overhead stays small
+# next to decoding while an item in flight is little work to lose.
+MIN_ITEM_ROWS = 16
+# Row groups a reader process keeps after reading them: consecutive items of a rank usually fall in
+# the same row group (or, with a shuffle window, the same few), which is then read once, not per item.
+ROW_GROUP_CACHE = 4
 
 
 @dataclass(frozen=True)
@@ -80,77 +89,154 @@ def epoch_order(n_units: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n_units)
 
 
-def plan_reads(units: list[ReadUnit], seed: int, start_sample: int, n_samples: int) -> list[dict]:
-    """The read items covering stream rows [start_sample, start_sample + n_samples).
+# ----------------------------------------------------------------------------- who reads what
 
-    Each item is one unit (or its tail, for the unit the position falls into): shard, row group,
-    first and end row inside the group, the stream index of its first row, and its epoch. Units
-    before the position are not listed at all, so a resumed run never opens them."""
+def batch_shares(global_batch_size: int, world_size: int) -> list[int]:
+    """Rank r's share of the global batch: G // W, plus one row for the first G % W ranks (the rule
+    of alip.training.split_global_batch, restated here to keep this module free of torch)."""
+    if not 1 <= world_size <= global_batch_size:
+        raise ValueError(f"cannot split a global batch of {global_batch_size} over {world_size} workers")
+    base, extra = divmod(global_batch_size, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def rank_slice(step: int, global_batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Stream positions [start, stop) that rank `rank` of `world_size` trains on at step `step`."""
+    shares = batch_shares(global_batch_size, world_size)
+    start = step * global_batch_size + sum(shares[:rank])
+    return start, start + shares[rank]
+
+
+def rank_positions(first_step: int, n_steps: int, global_batch_size: int, world_size: int,
+                   rank: int) -> np.ndarray:
+    """Stream positions of rank `rank` for steps [first_step, first_step + n_steps), step by step."""
+    start, stop = rank_slice(first_step, global_batch_size, world_size, rank)
+    steps = np.arange(n_steps, dtype=np.int64)[:, None] * global_batch_size
+    return (steps + np.arange(start, stop, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def steps_per_item(share: int, min_rows: int = MIN_ITEM_ROWS) -> int:
+    return max(1, -(-min_rows // share))
+
+
+def rank_items(first_step: int, end_step: int, share: int, min_rows: int = MIN_ITEM_ROWS) -> list[dict]:
+    """The read items of one rank from `first_step` (its checkpoint's step) to `end_step` (the end
+    of the schedule): whole steps each, at least `min_rows` rows where the schedule allows. Nothing
+    before the position and nothing past the last step is listed, so nothing of it is ever read."""
+    per_item = steps_per_item(share, min_rows)
+    return [{"first_step": s, "steps": min(per_item, end_step - s)} for s in range(first_step, end_step, per_item)]
+
+
+def n_rank_items(first_step: int, end_step: int, share: int, min_rows: int = MIN_ITEM_ROWS) -> int:
+    """len(rank_items(...)) without listing them (a days-long run has millions of steps)."""
+    return max(0, -(-(end_step - first_step) // steps_per_item(share, min_rows)))
+
+
+def shuffle_positions(positions: np.ndarray, seed: int, window: int) -> np.ndarray:
+    """The source position each stream position holds after the windowed shuffle: window k
+    (positions [k w, (k + 1) w)) is permuted by its own seeded permutation. window 0: no shuffle."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if window <= 1:
+        return positions
+    out = np.empty_like(positions)
+    windows, inside = np.divmod(positions, window)
+    for k in np.unique(windows):
+        perm = np.random.default_rng([int(seed), int(k), 0x5F1E]).permutation(window)
+        sel = windows == k
+        out[sel] = k * window + perm[inside[sel]]
+    return out
+
+
+def locate(units: list[ReadUnit], seed: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit index, row inside the unit, epoch) of each (unshuffled) stream position."""
     if not units:
         raise ValueError("no read units: the dataset is empty")
-    rows_per_epoch = sum(u.rows for u in units)
-    epoch, offset = divmod(int(start_sample), rows_per_epoch)
+    positions = np.asarray(positions, dtype=np.int64)
+    sizes = np.array([u.rows for u in units], dtype=np.int64)
+    epochs, offsets = np.divmod(positions, int(sizes.sum()))
+    unit_idx = np.empty_like(positions)
+    rows = np.empty_like(positions)
+    for e in np.unique(epochs):
+        order = epoch_order(len(units), seed, int(e))
+        ends = np.cumsum(sizes[order])
+        sel = epochs == e
+        k = np.searchsorted(ends, offsets[sel], side="right")
+        unit_idx[sel] = order[k]
+        rows[sel] = offsets[sel] - (ends[k] - sizes[order][k])
+    return unit_idx, rows, epochs
+
+
+def plan_reads(units: list[ReadUnit], seed: int, start_sample: int, n_samples: int) -> list[dict]:
+    """The (unshuffled) stream rows [start_sample, start_sample + n_samples) as runs inside units:
+    shard, row group, first and end row inside the group, stream index of the first row, epoch.
+    A whole-stream view (one reader, no ranks): what the epoch permutation looks like."""
+    positions = np.arange(int(start_sample), int(start_sample) + int(n_samples), dtype=np.int64)
+    unit_idx, rows, epochs = locate(units, seed, positions)
     items: list[dict] = []
-    stream_pos, remaining = int(start_sample), int(n_samples)
-    while remaining > 0:
-        for idx in epoch_order(len(units), seed, epoch):
-            unit = units[idx]
-            if offset >= unit.rows:
-                offset -= unit.rows
-                continue
-            start, offset = offset, 0
-            items.append({"shard": unit.shard, "row_group": unit.row_group, "start": start,
-                          "stop": unit.rows, "stream_start": stream_pos, "epoch": epoch})
-            stream_pos += unit.rows - start
-            remaining -= unit.rows - start
-            if remaining <= 0:
-                break
-        epoch += 1
+    for i, pos in enumerate(positions):
+        u, r, e = int(unit_idx[i]), int(rows[i]), int(epochs[i])
+        last = items[-1] if items else None
+        if last and last["_unit"] == u and last["epoch"] == e and last["stop"] == r:
+            last["stop"] = r + 1
+        else:
+            items.append({"_unit": u, "shard": units[u].shard, "row_group": units[u].row_group, "start": r,
+                          "stop": r + 1, "stream_start": int(pos), "epoch": e})
+    for it in items:
+        del it["_unit"]
     return items
 
 
-def read_margin(max_workers: int, global_batch_size: int) -> int:
-    """Extra stream rows planned beyond the last step. Ray Train splits the stream equally over
-    the ranks while ranks may take unequal shares of a global batch (G // W or G // W + 1 rows), so
-    the rank with the larger share needs up to one row per step more than an equal split gives it;
-    that is covered by planning W extra rows per step (see `rows_to_plan`); this margin adds one
-    read block per rank for the end of the stream. Rows planned but never reached are never read."""
-    return max_workers * READ_BLOCK_ROWS + global_batch_size
+# ----------------------------------------------------------------------------- the reader
+
+_row_groups: OrderedDict = OrderedDict()  # (shard, group, columns) -> pa.Table, per reader process
 
 
-def rows_to_plan(steps_left: int, global_batch_size: int, max_workers: int) -> int:
-    return steps_left * (global_batch_size + max_workers) + read_margin(max_workers, global_batch_size)
+def _read_row_group(shard: str, group: int, columns: tuple[str, ...]) -> pa.Table:
+    key = (shard, group, columns)
+    if key in _row_groups:
+        _row_groups.move_to_end(key)
+        return _row_groups[key]
+    loc = resolve(shard)
+    with loc.fs.open_input_file(loc.path) as f:
+        table = pq.ParquetFile(f).read_row_group(int(group), columns=list(columns))
+    _row_groups[key] = table
+    while len(_row_groups) > ROW_GROUP_CACHE:
+        _row_groups.popitem(last=False)
+    return table
 
 
-def read_items(batch: dict, columns: list[str], block_rows: int = READ_BLOCK_ROWS) -> Iterator[pa.Table]:
-    """Ray Data map_batches generator: read the listed units' row groups and yield their rows
-    from `start` on, in blocks of at most `block_rows` (what the decode stage works on)."""
+def read_positions(units: list[ReadUnit], seed: int, positions: np.ndarray, columns: list[str],
+                   shuffle_window: int = 0) -> pa.Table:
+    """The rows at these stream positions, in this order, with their epoch (an `epoch` column: each
+    row's augmentation is seeded by (seed, epoch, key), the same whoever decodes it). Each row
+    group involved is read once (and kept for the next call, see ROW_GROUP_CACHE)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    unit_idx, rows, epochs = locate(units, seed, shuffle_positions(positions, seed, shuffle_window))
+    parts, order = [], []
+    for u in np.unique(unit_idx):
+        sel = np.flatnonzero(unit_idx == u)
+        table = _read_row_group(units[u].shard, units[u].row_group, tuple(columns))
+        parts.append(table.take(pa.array(rows[sel])))
+        order.append(sel)
+    table = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    table = table.append_column(EPOCH_COLUMN, pa.array(epochs, type=pa.int64()))
     trace_dir = os.environ.get(READ_TRACE_ENV)
-    epochs = batch.get("epoch", np.zeros(len(batch["shard"]), dtype=np.int64))
-    for shard, group, start, stop, first, epoch in zip(batch["shard"], batch["row_group"], batch["start"],
-                                                        batch["stop"], batch["stream_start"], epochs):
-        loc = resolve(str(shard))
-        with loc.fs.open_input_file(loc.path) as f:
-            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
-        table = table.slice(int(start), int(stop) - int(start))
-        for off in range(0, table.num_rows, block_rows):
-            # The epoch travels with the rows: each row's augmentation is seeded by (seed, epoch, key),
-            # so it is the same whichever worker count or process decodes it.
-            part = table.slice(off, block_rows)
-            part = part.append_column(EPOCH_COLUMN, pa.array(np.full(part.num_rows, int(epoch), dtype=np.int64)))
-            if trace_dir:
-                _trace(trace_dir, int(first) + off, part.num_rows)
-            yield part
+    if trace_dir:
+        _trace(trace_dir, positions)
+    return table
 
 
-def _trace(trace_dir: str, first: int, count: int) -> None:
+def _trace(trace_dir: str, positions: np.ndarray) -> None:
     os.makedirs(trace_dir, exist_ok=True)
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    now = time.time()
     with open(os.path.join(trace_dir, f"reader-{os.getpid()}.txt"), "a") as f:
-        f.write(f"{first} {count} {time.time():.3f}\n")
+        for run in np.split(positions, breaks):
+            f.write(f"{int(run[0])} {len(run)} {now:.3f}\n")
 
 
 def read_trace(trace_dir: str) -> list[tuple[int, int, float]]:
-    """(first stream row, rows, unix time) of every block the readers handed to decoding."""
+    """(first stream position, rows, unix time) of every contiguous range the readers decoded."""
     out = []
     if not os.path.isdir(trace_dir):
         return out
@@ -160,28 +246,3 @@ def read_trace(trace_dir: str) -> list[tuple[int, int, float]]:
                 a, b, t = line.split()
                 out.append((int(a), int(b), float(t)))
     return out
-
-
-# ----------------------------------------------------------------------------- resume position
-
-def latest_registered_position(run_uri: str, position_file: str) -> dict | None:
-    """The position.json of the checkpoint Ray Train will restore (the latest one its checkpoint
-    manager registered), read from the run's storage; None for a fresh run. Read by the dataset
-    factory when a worker group starts, so the stream begins exactly where that checkpoint ends."""
-    loc = resolve(run_uri)
-    snap = loc.child("checkpoint_manager_snapshot.json")
-    try:
-        with loc.fs.open_input_stream(snap.path) as f:
-            state = json.loads(f.read().decode("utf-8"))
-    except (FileNotFoundError, OSError):
-        return None
-    latest = state.get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name")
-    if not name:
-        return None
-    try:
-        with loc.fs.open_input_stream(loc.child(name).child(position_file).path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (FileNotFoundError, OSError):
-        step = (latest.get("metrics") or {}).get("step")
-        return {"step": int(step)} if step is not None else None
