@@ -588,10 +588,14 @@ def main(argv=None):
 
     from ray.cluster_utils import Cluster
 
+    from alip.ray_setup import RAYLET_ENV
+
+    for name, value in RAYLET_ENV.items():  # what cluster.yaml's `ray start` lines set on every node
+        os.environ.setdefault(name, value)
     env = {"ALIP_TRAIN_WORKER_RESOURCES": json.dumps({"trainer": 1})}  # one train worker per node
     if a.group_start_timeout_s is not None:
-        # Read by Ray Train's controller, an actor: it inherits the environment of the raylet that
-        # starts it (this process's, at Cluster()), not the job driver's.
+        # Read by Ray Train's controller: the raylets started here and the job's driver inherit it
+        # (Ray Train also forwards it from the driver: ENV_VARS_TO_PROPAGATE).
         os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(a.group_start_timeout_s)
     work = Path(tempfile.mkdtemp(prefix="alip-chaos-"))
     data = write_data(work / "data", a.rows)

@@ -126,6 +126,19 @@ def test_dashboard_on_localhost_and_token_auth_everywhere(config):
             assert "RAY_AUTH_MODE=token" in cmd, cmd
 
 
+def test_every_ray_start_sets_the_raylet_environment_local_runs_use(config):
+    """alip.ray_setup.RAYLET_ENV (the idle time of task processes: the pretraining read tasks) is
+    set by init_local_ray for private local Rays; the cluster's `ray start` lines must set it too."""
+    from alip.ray_setup import RAYLET_ENV
+
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for cmd in starts:
+        exported = cmd.split("ray start")[0]
+        for name, value in RAYLET_ENV.items():
+            assert f"{name}={value}" in exported, (name, cmd)
+
+
 def test_spot_watch_runs_in_the_background_on_every_worker(config):
     from alip.spot_watch import build_parser
 
