@@ -10,7 +10,6 @@ import random
 
 import numpy as np
 import open_clip
-import pyarrow as pa
 import pytest
 import torch
 import torchvision.transforms as T
@@ -19,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter, JpegImagePlugin
 from alip.data.images import ImageDecodeError, decode_image
 from alip.model import OPENAI_MEAN, OPENAI_STD, create_model, image_transform
 from alip.pretrain.data import (
-    EPOCH, PREFETCH_BATCHES, AugmentConfig, CropBox, TrainPreprocessor, bytes_per_sample, center_crop,
-    decode_resized_crop, draft_factor, row_rng, sample_crop, trainer_batch_options, with_epoch,
+    EPOCH, AugmentConfig, CropBox, TrainPreprocessor, bytes_per_sample, center_crop,
+    decode_resized_crop, draft_factor, row_rng, sample_crop,
 )
 from alip.training import ALIPTrainer, TrainConfig
 
@@ -226,12 +225,6 @@ def test_row_rng_depends_on_seed_epoch_and_key_only():
     assert len({draw(0, 0, "k"), draw(1, 0, "k"), draw(0, 1, "k"), draw(0, 0, "j"), draw(0, 10, "k")}) == 5
 
 
-def test_with_epoch_tags_reader_blocks_once():
-    table = with_epoch(pa.table({"key": ["a", "b"]}), 3)
-    assert table.column(EPOCH).to_pylist() == [3, 3]
-    assert with_epoch(table, 9).column(EPOCH).to_pylist() == [3, 3]
-
-
 # ----------------------------------------------------------------------------- what ships to the trainer
 
 def test_preprocessor_ships_uint8_images_and_uint16_tokens(caplog):
@@ -272,14 +265,6 @@ def test_truncated_jpeg_and_pixel_bombs_are_rejected():
         decode_resized_crop(data[: len(data) // 2], 32, lambda w, h: (center_crop(w, h), False))
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_resized_crop(data, 32, lambda w, h: (center_crop(w, h), False), max_pixels=300 * 200 - 1)
-
-
-def test_trainer_batch_options_prefetch_pin_and_widen_tokens():
-    cpu = trainer_batch_options(torch.device("cpu"))
-    assert cpu["prefetch_batches"] == PREFETCH_BATCHES >= 2
-    assert cpu["pin_memory"] is False  # pinning needs a CUDA runtime
-    assert trainer_batch_options("cuda:0")["pin_memory"] is True
-    assert cpu["dtypes"] == {"image": torch.uint8, "raw_tokens": torch.int64, "caption_tokens": torch.int64}
 
 
 def test_a_training_step_on_uint8_images_equals_the_step_on_official_float_images():

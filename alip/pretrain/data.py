@@ -7,8 +7,8 @@ host-to-device link once per sample:
 
 * images as **uint8** [N, 3, S, S] (raw pixels, 147 KiB at 224 px instead of 588 KiB of float32);
   the trainer converts and normalises them on the device (`ALIPTrainer.train_step` accepts uint8);
-* tokens as **uint16** (open_clip's BPE vocabulary has 49,408 ids), widened to int64 by
-  `iter_torch_batches(dtypes=...)` in the trainer process (`trainer_batch_options`).
+* tokens as **uint16** (open_clip's BPE vocabulary has 49,408 ids), widened to int64 in the
+  trainer process (`alip.pretrain.job.rank_batches`).
 
 Decoding is reduced-size where it can be: a random resized crop of a 2000x1500 photo only needs a
 few hundred source pixels per side, so the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT
@@ -61,9 +61,6 @@ IMAGE_DTYPE = np.uint8
 TOKEN_DTYPE = np.uint16
 #: Optional input column: the epoch a row is read in (part of its augmentation seed).
 EPOCH = "epoch"
-#: Batches `iter_torch_batches` prepares ahead of the step (Ray's default is 1): one being
-#: collated/pinned/copied while another waits, so a slow batch does not stall the GPU.
-PREFETCH_BATCHES = 2
 #: DCT scale reductions libjpeg offers through `Image.draft`, largest first.
 DRAFT_FACTORS = (8, 4, 2)
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
@@ -259,29 +256,6 @@ class TrainPreprocessor:
         if tokens.max() > np.iinfo(TOKEN_DTYPE).max:  # only a tokenizer with a >65,536 vocabulary
             raise ValueError(f"token id {int(tokens.max())} does not fit {np.dtype(TOKEN_DTYPE).name}")
         return tokens.astype(TOKEN_DTYPE)
-
-
-def with_epoch(table, epoch: int):
-    """`table` (pyarrow) with an `epoch` column: how the reader tells the preprocessor which epoch
-    its rows belong to. Left as is when the column is already there."""
-    import pyarrow as pa
-
-    if EPOCH in table.column_names:
-        return table
-    return table.append_column(EPOCH, pa.array(np.full(table.num_rows, int(epoch), dtype=np.int64)))
-
-
-def trainer_batch_options(device) -> dict:
-    """`iter_torch_batches` arguments for the training loop: prefetch, pinned host memory on CUDA
-    (pinning needs a CUDA runtime; on CPU it is an error), and the dtypes the step expects (uint8
-    images stay uint8; tokens widen from uint16 to int64 in the collate thread, off the step)."""
-    import torch
-
-    return {
-        "prefetch_batches": PREFETCH_BATCHES,
-        "pin_memory": torch.device(device).type == "cuda",
-        "dtypes": {IMAGE: torch.uint8, "raw_tokens": torch.int64, "caption_tokens": torch.int64},
-    }
 
 
 def bytes_per_sample(batch: dict[str, np.ndarray]) -> float:

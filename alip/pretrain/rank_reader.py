@@ -16,9 +16,10 @@ Why Ray tasks and not Ray Data here (Ray Data runs the captioning and explore jo
   (`ray/data/_internal/cluster_autoscaler/default_autoscaling_coordinator.py`,
   `share = amount // len(type_eligible)`). With W ranks' pipelines and fewer than W spare CPUs on
   a node, each gets 0 CPUs there, and a killed group's reservations linger for
-  RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S (180 s). We saw exactly this: after a preemption the
-  restarted group's pipelines logged "Cluster resources are not enough to run any task" and the
-  run stalled (tests/test_pretrain_elastic.py, 1-CPU nodes).
+  RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S (180 s). That fits what we saw (read from the Ray
+  source, not reproduced alone): after a preemption the restarted group's pipelines logged "Cluster
+  resources are not enough to run any task" and the run stalled (tests/test_pretrain_elastic.py,
+  1-CPU nodes).
 Plain tasks are scheduled by Ray core against the node's real free CPUs. Ray core also gives
 what Ray Data would: retries when a task's node dies (`max_retries`), and fate-sharing (a dead
 train worker's tasks are cancelled with it, so a restarted group starts with free CPUs).
@@ -51,7 +52,7 @@ def read_ahead_items(read_item: Callable[..., dict], n_items: int, read_ahead: i
     if read_ahead < 1:
         raise ValueError(f"read_ahead must be >= 1, got {read_ahead}")
     task = ray.remote(read_item).options(num_cpus=num_cpus, max_retries=READ_TASK_MAX_RETRIES)
-    shared = {k: ray.put(v) if isinstance(v, (list, tuple)) and len(v) > 64 else v for k, v in kwargs.items()}
+    shared = {k: ray.put(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
     pending: deque = deque()
     next_item = 0
     try:
