@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from alip.pretrain.config import config_from_args
-from alip.pretrain.job import READ_AHEAD_ITEMS, PretrainConfigError, main, validate
+from alip.pretrain.job import (
+    READ_AHEAD_ITEMS, PretrainConfigError, last_checkpoint_due, main, registration_margin_s, validate,
+)
 from alip.pretrain.stream import read_trace, steps_per_item
 from pretrain_helpers import (
     kill_session, metric_steps, registered_checkpoints, small_args, start_job, train_worker_pids,
@@ -61,6 +63,22 @@ def test_dataset_without_caption_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------- Ray Train: 2 workers == 1
+
+def test_last_checkpoint_before_a_deadline_leaves_room_for_ray_train_to_take_it_in(monkeypatch):
+    # Ray Train collects a reported checkpoint at its next poll of the workers (2 s apart by
+    # default) and tears the group down at the deadline: the margin covers two polls + 1 s.
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert registration_margin_s() == 5.0
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    assert registration_margin_s() == 2.0
+    # 0.2 s steps, 0.3 s checkpoint writes: due once less than 0.4 + 0.9 + 5 = 6.3 s are left.
+    assert not last_checkpoint_due(6.4, 0.2, 0.3, 5.0)
+    assert last_checkpoint_due(6.2, 0.2, 0.3, 5.0)
+    # 1 s before the deadline (what bench_chaos saw lost) is past due.
+    assert last_checkpoint_due(1.0, 0.2, 0.3, 5.0)
+    # No checkpoint timed yet: a write is assumed to take a step.
+    assert last_checkpoint_due(5.9, 0.2, None, 5.0) and not last_checkpoint_due(6.1, 0.2, None, 5.0)
+
 
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_through_the_real_job(tmp_path):

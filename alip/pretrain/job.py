@@ -16,8 +16,9 @@ Elastic and fault tolerant (Ray Train V2):
   r takes `split_global_batch(G, W)[r]` rows, and the schedule (total steps) depends on G only.
 - Every `preemption_check_every` steps all ranks call `ray.train.get_preemption_info()`; on a
   notice (a node drained with reason PREEMPTION, e.g. by `alip spot-watch`) rank 0 writes a
-  just-in-time checkpoint at once, uploaded asynchronously, and training goes on until the node
-  goes. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
+  just-in-time checkpoint at once, uploaded asynchronously, and training goes on; one more
+  checkpoint at the last step that still lands before the deadline (`last_checkpoint_due`) keeps
+  most of the steps trained after the notice. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
 - A checkpoint holds model, optimiser, scheduler, gate momentum state and `position.json` (step,
   global samples consumed, the metrics log's offset): no metric history, so every checkpoint has
   the same size. When a worker group starts, each rank plans its stream from the step of the
@@ -355,16 +356,32 @@ class _StepTimer:
         self.ckpt_s = self._ema(self.ckpt_s, time.perf_counter() - t)
 
 
+def registration_margin_s() -> float:
+    """Seconds a reported checkpoint needs, after its upload, before Ray Train has taken it in.
+    The controller collects reports when it polls the workers, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+    (2 s) apart, and at a preemption deadline it tears the group down at once: a checkpoint
+    uploaded but not yet collected is lost. (bench_chaos lost one reported 1 s before the deadline:
+    the files were in storage, the run resumed 33 steps earlier.) Two polls and a second of slack."""
+    return 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1.0
+
+
+def last_checkpoint_due(left_s: float, step_s: float, checkpoint_s: float | None, margin_s: float) -> bool:
+    """With `left_s` seconds to the preemption deadline, is this step the last one after which a
+    checkpoint still lands? Another step + its checkpoint write + the async upload (about as long as
+    the write) must fit, with a step to spare, plus Ray Train's `margin_s` to take it in."""
+    checkpoint_s = step_s if checkpoint_s is None else checkpoint_s
+    return left_s < 2 * step_s + 3 * checkpoint_s + margin_s
+
+
 def _last_moment(info, timer: _StepTimer, rank: int, world: int, device) -> bool:
-    """Is this the last step at which a checkpoint still lands (written, then uploaded) before the
-    preemption deadline? Rank 0 decides from its timings and broadcasts the decision, so every
-    rank reports together (a report is collective). A tiny broadcast per step, only while a
-    notice is pending."""
+    """Is this the last step at which a checkpoint still lands (written, uploaded and taken in by
+    Ray Train) before the preemption deadline? Rank 0 decides from its timings and broadcasts the
+    decision, so every rank reports together (a report is collective). A tiny broadcast per step,
+    only while a notice is pending."""
     now_or_never = False
     if rank == 0 and info.deadline_ms and timer.step_s is not None:
         left = info.deadline_ms / 1000 - time.time()
-        # Two more steps + a checkpoint (the async upload takes about as long as the write).
-        now_or_never = left < 2 * timer.step_s + 3 * (timer.ckpt_s or timer.step_s)
+        now_or_never = last_checkpoint_due(left, timer.step_s, timer.ckpt_s, registration_margin_s())
     if world == 1 or not torch.distributed.is_initialized():
         return now_or_never
     flag = torch.tensor([1 if now_or_never else 0], dtype=torch.int32, device=device)
