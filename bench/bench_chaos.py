@@ -1,20 +1,35 @@
 """Chaos benchmark: tiny ALIP pretraining on a simulated 3-worker-node cluster while nodes are
 removed (no notice) or drained with a deadline (a spot preemption notice) and added back later.
 
-    .venv/bin/python bench/bench_chaos.py                                  # ~10 min of chaos, an event every 2 min
+    .venv/bin/python bench/bench_chaos.py                                  # 10 min of clean training; chaos takes ~4x that here
     .venv/bin/python bench/bench_chaos.py --minutes 3 --event-every-s 60   # short run for development
 
-Measured (alone on the 2-core CPU box, 2026-11-29: `--minutes 5 --event-every-s 90 --return-after-s 45`,
-before --max-failures existed; no complete run of the default command yet):
-    clean: 3 workers, 1647 steps in 368 s, 0.181 s/step -> goodput 81% (start-up and the end included).
-    chaos: 7 node events in 894 s (4 lost without notice, 3 PREEMPTION drains + removal at the deadline),
-      a fresh node back 45 s after each removal.
-      Every group restart took 103-111 s (6 measured; median 106 s) from the last step before it to the
-      first step after it; steps redone per restart 3-37 (37 after a loss with checkpoint_every 50; 3-9
-      otherwise). 897 of 1647 steps kept at t = 894 s: goodput about 18%, because on this box a restart
-      (~105 s) is longer than the time between events (90 s).
-      The run then ended: the 4th loss without notice exhausted the tiny preset's max_failures = 3 (Ray
-      Train counts an unannounced node loss as a failure). The bench now passes --max-failures (100).
+Measured (alone on the 2-core CPU box, 2026-11-30, commit 8ec773b: `--minutes 4`, the default schedule:
+an event every 120 s, a fresh node 60 s after each removal, 30 s notice deadline):
+    clean: 3 workers, 1544 steps in 659 s, fitted step time 0.382 s -> goodput 89.5%. That run stalled
+      10-20 s at times (steps 707-720 took 21 s; cause not found): the chaos run's 3-worker stretches
+      ran at 0.208 s/step, and an earlier clean run of the same code at 0.209 s/step.
+    chaos: 31 node events in 2470 s (8 lost without notice, 8 PREEMPTION drains + removal at the
+      deadline, 15 returns); every step 1..1544 exactly once in the metrics log.
+      goodput 23.9% (chaos / clean = 26.7%; 13.0% at the 0.208 s/step rate). Restarts took 81% of
+      the wall time: 16 restarts, 122.7-133.0 s each (median 129 s), one 208 s (a 2-worker group
+      Ray Train grew to 3 before its first step). On this box a restart outlasts the 120 s between
+      events, so every event hit a run that had just resumed.
+      Steps lost: node lost without notice 2-22 (mean 9.8, from the periodic or the last
+      checkpoint); preemption 25-37 (mean 30, about 6 s of training: the last checkpoint lands
+      2 steps + write + upload + 5 s before the deadline, the node goes 1 s after it); no step
+      trained before a notice was lost (every preemption resumed from its last-moment
+      checkpoint or a later periodic one).
+      Restart phases, summed over the 16 (1997 s): placement + worker processes 813 s (41%; a
+      lost node is still counted by Ray Train's elastic policy for ~35 s, so the first attempt
+      asks for 3 workers and is placed when the replacement joins 60 s after the removal),
+      first batch + step 543 s (27%; each read task's process imports torch + open_clip, ~0.9 GB),
+      failed start attempts 300 s (15%; 5 of the 7 preemptions: the 3-worker attempt hit
+      RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 60 s just before the replacement joined, then 2
+      workers started), detect + stop 195 s, model + checkpoint restore 167 s (7-13 s each),
+      data stream setup 67 s (1-5 s each).
+An earlier run (before 8ec773b) lost a last-moment checkpoint reported 1 s before the deadline
+(Ray Train had not collected it yet) and resumed 33 steps earlier; see job.last_checkpoint_due.
 
 The cluster is real Ray processes on this machine (`ray.cluster_utils.Cluster`, like cluster.yaml:
 a head with no CPUs) with 3 worker nodes, each with one "trainer" slot, so each hosts exactly one
@@ -68,6 +83,7 @@ RESUMED = re.compile(r"\[pretrain\] resumed from checkpoint at step (\d+)/\d+ .*
 STREAM = re.compile(r"\[pretrain\] data stream starts at step (\d+)")
 ATTEMPT = re.compile(r"Attempting to start training worker group of size (\d+)")
 WORKERS_UP = re.compile(r"Setting up process group for")
+RESIZE = re.compile(r"Deciding to resize the worker group from (\d+) -> (\d+)")  # Ray Train's own resize
 
 
 # ----------------------------------------------------------------------------- pure analysis
@@ -92,6 +108,7 @@ class Restart:
     attempts: int  # "Attempting to start training worker group" lines (more than 1: some failed)
     marks: dict[str, float] = field(default_factory=dict)  # PHASES key -> arrival time
     cause: str = "?"
+    resize: str | None = None  # "2 -> 3" when Ray Train's elastic policy resized a running group
 
     @property
     def t_resumed(self) -> float:
@@ -136,6 +153,7 @@ def find_restarts(lines: list[tuple[float, str]], t0: float | None = None) -> li
     last_step, t_last = 0, None
     pending: dict[str, float] = {}  # marks seen since the last step, before the group's start line
     attempts = 0
+    resize = None
     current: Restart | None = None  # the restart whose first step is still to come
     for t, line in lines:
         if (m := STEP.search(line)):
@@ -143,7 +161,9 @@ def find_restarts(lines: list[tuple[float, str]], t0: float | None = None) -> li
                 current.marks["first_step"] = t
                 current = None
             last_step, t_last = int(m.group(1)), t
-            pending, attempts = {}, 0
+            pending, attempts, resize = {}, 0, None
+        elif (m := RESIZE.search(line)):
+            resize = f"{m.group(1)} -> {m.group(2)}"
         elif ATTEMPT.search(line):
             attempts += 1
             pending.setdefault("first_attempt", t)
@@ -160,9 +180,10 @@ def find_restarts(lines: list[tuple[float, str]], t0: float | None = None) -> li
                 base = t_last if t_last is not None else (t0 if t0 is not None else min([t, *pending.values()]))
                 current = Restart(resumed_from=int(m.group(1)) if resumed else 0,
                                   workers=int(m.group(2) if resumed else m.group(1)), last_step=last_step,
-                                  t_last_step=base, attempts=attempts, marks={**pending, "resumed": t})
+                                  t_last_step=base, attempts=attempts, marks={**pending, "resumed": t},
+                                  resize=resize)
                 out.append(current)
-            pending, attempts = {}, 0
+            pending, attempts, resize = {}, 0, None
     return out
 
 
@@ -223,14 +244,17 @@ class NodeEvent:
 
 def attribute(events: list[NodeEvent], restarts: list[Restart]) -> None:
     """Each restart's cause: the events since the previous restart, up to its resume (a restart
-    can absorb several, e.g. a node returning while the group restarts). Restarts with no event
-    before them are crashes."""
+    can absorb several, e.g. a node returning while the group restarts). A restart with no event
+    before it is Ray Train growing the group (its resize line) or else a crash."""
     pending = sorted(events, key=lambda e: e.t)
     for i, r in enumerate(restarts):
         mine = [e for e in pending if e.t <= r.t_resumed and e.restart is None]
         for e in mine:
             e.restart = i
-        r.cause = " + ".join(e.kind for e in mine) if mine else "crash (no node event)"
+        if mine:
+            r.cause = " + ".join(e.kind for e in mine)
+        else:
+            r.cause = f"resize {r.resize} (Ray Train)" if r.resize else "crash (no node event)"
 
 
 @dataclass
@@ -578,7 +602,7 @@ def report(a, steps: int, step_s: float, clean: Job, chaos: Job, chaos_driver: C
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="about how long the chaos run lasts (sizes its steps)")
+    p.add_argument("--minutes", type=float, default=10.0, help="minutes of clean 3-worker training the runs are sized for (the chaos run takes several times longer)")
     p.add_argument("--event-every-s", type=float, default=120.0, help="seconds between node events")
     p.add_argument("--return-after-s", type=float, default=60.0, help="seconds from a removal until a fresh node joins")
     p.add_argument("--deadline-s", type=float, default=30.0, help="deadline of a preemption notice (s)")

@@ -127,6 +127,12 @@ def test_events_are_matched_to_the_restart_they_caused():
     bc.attribute(late, restarts)
     assert restarts[0].cause == "crash (no node event)" and restarts[1].cause == "preemption"
     assert [e.restart for e in late] == [1, None]
+    # A restart Ray Train decided itself (the grow after a node came back earlier) says so.
+    restarts = bc.find_restarts(synthetic_log())
+    assert [r.resize for r in restarts] == [None, "2 -> 3"]
+    early = [bc.NodeEvent(21.5, "node lost", "aaaa", 12), bc.NodeEvent(40.0, "node returned", "bbbb", 12)]
+    bc.attribute(early, restarts)
+    assert [r.cause for r in restarts] == ["node lost + node returned", "resize 2 -> 3 (Ray Train)"]
 
 
 def test_clean_step_time_is_robust_to_lines_arriving_in_bursts():
