@@ -35,7 +35,7 @@ bench: setup
 	$(PY) bench/bench_caption.py --n 2000 --rounds 2
 	$(PY) bench/bench_serve.py --requests 6
 	$(PY) bench/bench_learning.py
-	$(PY) bench/bench_chaos.py --minutes 4
+	$(PY) bench/bench_chaos.py
 
 # The isolated OFA environment (transformers 4.x + ModelScope); the OFA test builds it when missing.
 ofa-env:

@@ -37,16 +37,15 @@ def add_worker_node(cluster):
 
 @pytest.fixture(scope="module")
 def cluster():
-    import os
-
     from ray.cluster_utils import Cluster
 
     from alip.ray_setup import RAYLET_ENV
 
     # The raylets inherit this process's environment: set what cluster.yaml's `ray start` lines set
     # (without it, read tasks restart a worker process per item and the runs crawl).
-    saved = {k: os.environ.get(k) for k in RAYLET_ENV}
-    os.environ.update(RAYLET_ENV)
+    env = pytest.MonkeyPatch()
+    for name, value in RAYLET_ENV.items():
+        env.setenv(name, value)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": free_port(),
                                                       "include_dashboard": False})
     try:
@@ -56,11 +55,7 @@ def cluster():
         yield c
     finally:
         c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ Elastic and fault tolerant (Ray Train V2):
   notice (a node drained with reason PREEMPTION, e.g. by `alip spot-watch`) rank 0 writes a
   just-in-time checkpoint at once, uploaded asynchronously, and training goes on; one more
   checkpoint at the last step that still lands before the deadline (`last_checkpoint_due`) keeps
-  most of the steps trained after the notice. Preemptions count against `max_preemption_failures` (unlimited), not `max_failures`.
+  most of the steps trained after the notice. Preemptions count against `max_preemption_failures`
+  (unlimited), not `max_failures`.
 - A checkpoint holds model, optimiser, scheduler, gate momentum state and `position.json` (step,
   global samples consumed, the metrics log's offset): no metric history, so every checkpoint has
   the same size. When a worker group starts, each rank plans its stream from the step of the
@@ -362,7 +363,9 @@ def registration_margin_s() -> float:
     (2 s) apart, and at a preemption deadline it tears the group down at once: a checkpoint
     uploaded but not yet collected is lost. (bench_chaos lost one reported 1 s before the deadline:
     the files were in storage, the run resumed 33 steps earlier.) Two polls and a second of slack."""
-    return 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1.0
+    from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    return 2 * float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S)) + 1.0
 
 
 def last_checkpoint_due(left_s: float, step_s: float, checkpoint_s: float | None, margin_s: float) -> bool:
