@@ -118,6 +118,7 @@ def pretrain_demand_of(cfg, workers: int) -> Demand:
 
 def caption_demand_of(cfg) -> Demand:
     """From an alip.captioning.config.CaptionJobConfig, the actor pool at its max size."""
+    cfg = cfg.sized(None)  # a cluster's defaults for the sizes left unset
     return caption_demand(cfg.max_actors, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.decode_cpus)
 
 

@@ -38,7 +38,8 @@ def cluster_caption_command(path: Path = CLUSTER_YAML) -> CaptionJobConfig:
     commands = [c for c in joined.splitlines() if "python ray_jobs/caption.py" in c]
     assert len(commands) == 1, commands
     argv = shlex.split(commands[0].split("ray_jobs/caption.py", 1)[1])
-    return CaptionJobConfig(**vars(caption_parser().parse_args(argv)))
+    # The sizes the job uses on a cluster (flags the command leaves out take the cluster defaults).
+    return CaptionJobConfig(**vars(caption_parser().parse_args(argv))).sized(None)
 
 
 # ----------------------------------------------------------------------------- the packing itself

@@ -1,12 +1,13 @@
-"""The caption job: dataset -> Ray Data (decode tasks + captioner actor pool) -> captioned dataset.
+"""The caption job: dataset -> Ray (decode tasks + a caption actor pool sized to the cluster) -> captioned dataset.
 
     from alip.captioning import CaptionJobConfig, run_captioning
     summary = run_captioning(CaptionJobConfig(input="world", output="world-captioned", captioner="builtin"))
 
 Modules: config (typed config), plan (work units, output layout, resume state), manifest (input
 pinning, incremental runs), lease (one writer per output), unit (decode and finish one unit),
-pipeline (the Ray side), job (driver, summary, CLI). Only pipeline
-imports Ray, and only when a run has work to do.
+pool (pool sizing rule, pure), cluster_view (Ray's views), tasks (task and actor bodies),
+scheduler (the driver's loop), pipeline (entry to the Ray side), job (driver, summary, CLI).
+Ray is imported only when a run has work to do.
 """
 
 from alip.captioning.config import CaptionJobConfig, CaptionJobError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,12 +37,12 @@ class CaptionJobConfig:
     batch_size: int = 32  # images per captioner forward pass
     rows_per_unit: int = 512  # max rows per work unit (Parquet shards and tars are split into row ranges);
     # a unit travels as one block: memory per unit in flight ~ rows x (encoded + decoded image)
-    min_actors: int = 1  # captioning actor pool bounds (Ray Data autoscales between them)
-    max_actors: int = 1
+    min_actors: int = 1  # the pool holds min(max_actors, units left, what the cluster can hold beside
+    max_actors: int | None = None  # the decode tasks) actors (alip/captioning/pool.py); None: see sized()
     gpus_per_actor: float = 0.0  # > 0 runs the captioner on cuda
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: 1 on a cluster; the local rule on a private local Ray (sized())
     decode_cpus: float = 0.5  # per decode task; fractional so decode + actors fit small boxes
-    torch_threads: int | None = None  # per actor; None = max(1, round(cpus_per_actor))
+    torch_threads: int | None = None  # per actor; None = max(1, round(cpus_per_actor)) (local rule: sized())
     # Generation overrides (None keeps the spec's value).
     num_beams: int | None = None
     max_new_tokens: int | None = None
@@ -54,7 +55,8 @@ class CaptionJobConfig:
     max_unit_attempts: int = 3  # captioner crashes/errors an image may cause before it is rejected
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a private local Ray; "auto": a `ray start` cluster here
     overwrite: bool = False  # delete this job's earlier output in `output` and start afresh
-    progress: bool = True  # Ray Data progress bars and one line per finished unit
+    stall_timeout_s: float = 120.0  # nothing completes this long: say what waits for what, then act
+    progress: bool = True  # one line per committed unit
 
     def validate(self) -> None:
         for name in ("input", "output", "captioner"):
@@ -64,14 +66,19 @@ class CaptionJobConfig:
         if self.input_format not in ("auto", "parquet", "webdataset"):
             raise CaptionJobError(f"input_format must be auto, parquet or webdataset, got {self.input_format!r}")
         for name in ("batch_size", "rows_per_unit", "min_actors", "max_actors", "max_pixels", "max_unit_attempts"):
+            if name == "max_actors" and self.max_actors is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CaptionJobError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_actors < self.min_actors:
+        if self.max_actors is not None and self.max_actors < self.min_actors:
             raise CaptionJobError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.decode_cpus <= 0:
+        cpus = 1.0 if self.cpus_per_actor is None else self.cpus_per_actor
+        if self.gpus_per_actor < 0 or cpus < 0 or self.decode_cpus <= 0:
             raise CaptionJobError("gpus_per_actor/cpus_per_actor must be >= 0 and decode_cpus > 0")
-        if self.gpus_per_actor == 0 and self.cpus_per_actor == 0:
+        if self.gpus_per_actor == 0 and cpus == 0:
             raise CaptionJobError("a CPU captioning actor needs cpus_per_actor > 0")
+        if not isinstance(self.stall_timeout_s, (int, float)) or self.stall_timeout_s <= 0:
+            raise CaptionJobError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise CaptionJobError(f"torch_threads must be >= 1 or None, got {self.torch_threads!r}")
         if _norm(self.input) == _norm(self.output):
@@ -101,7 +108,36 @@ class CaptionJobConfig:
 
     @property
     def threads(self) -> int:
-        return self.torch_threads or max(1, round(self.cpus_per_actor))
+        return self.torch_threads or max(1, round(1.0 if self.cpus_per_actor is None else self.cpus_per_actor))
+
+    def sized(self, local_cpus: float | None = None, local_gpus: float = 0.0) -> CaptionJobConfig:
+        """This config with the pool's unset sizes filled in (a copy; set values are kept).
+
+        On a cluster (``local_cpus`` None): 1 CPU per actor, ``max_actors`` = ``min_actors``.
+
+        On a private local Ray with ``local_cpus`` CPUs (the local rule: use the machine):
+        - CPU actors: one actor per 4 CPUs (at least one); together they take every CPU but the
+          decode + commit reserve (``decode_cpus`` + 0.25) in Ray's accounting, and each runs
+          ``local_cpus // actors`` torch threads, so generation uses every core (decode tasks are
+          short and share them). 2 CPUs: 1 actor, 1.25 CPU, 2 threads; 8 CPUs: 2 actors, 3.6 CPU,
+          4 threads each.
+        - GPU actors: one per ``gpus_per_actor`` of the machine's GPUs, 1 CPU each.
+        """
+        if local_cpus is None:
+            return dataclasses.replace(self, max_actors=self.max_actors or self.min_actors,
+                                       cpus_per_actor=1.0 if self.cpus_per_actor is None else self.cpus_per_actor)
+        if self.gpus_per_actor > 0:
+            actors = self.max_actors or max(self.min_actors, int(local_gpus // self.gpus_per_actor) or 1)
+            return dataclasses.replace(self, max_actors=actors,
+                                       cpus_per_actor=1.0 if self.cpus_per_actor is None else self.cpus_per_actor)
+        actors = self.max_actors or max(self.min_actors, int(local_cpus // 4) or 1)
+        cpus = self.cpus_per_actor
+        if cpus is None:
+            reserve = self.decode_cpus + min(self.decode_cpus, 0.25)
+            cpus = max(0.25, math.floor((local_cpus - reserve) / actors * 100) / 100)
+        threads = self.torch_threads or (max(1, int(local_cpus // actors)) if self.cpus_per_actor is None
+                                         else max(1, round(cpus)))
+        return dataclasses.replace(self, max_actors=actors, cpus_per_actor=cpus, torch_threads=threads)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -119,13 +119,23 @@ def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: 
 
     if pending:
         from alip.captioning.pipeline import ensure_ray, run_pipeline
+        from alip.ray_setup import is_private_local_ray
 
         ensure_ray(cfg.ray_address)
         import ray
 
         check_output_reachable(layout.root, ray.nodes())  # before any unit starts
+        private = is_private_local_ray()
+        sized = cfg.sized(ray.cluster_resources().get("CPU", 0.0) if private else None,
+                          ray.cluster_resources().get("GPU", 0.0))
+        if private and (cfg.max_actors, cfg.cpus_per_actor, cfg.torch_threads) != (
+                sized.max_actors, sized.cpus_per_actor, sized.torch_threads):
+            log(f"[caption] local sizing: {sized.max_actors} actor(s) x {sized.threads} torch thread(s) "
+                f"({sized.cpus_per_actor:g} CPU each in Ray's accounting) on this machine's "
+                f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs (--max-actors, --cpus-per-actor, "
+                "--torch-threads override)")
         t_pipeline = time.perf_counter()
-        events = run_pipeline(cfg, captioner, pending, on_unit, say=log)
+        events = run_pipeline(sized, captioner, pending, on_unit, say=log, private_ray=private)
     pipeline_s = time.perf_counter() - t_pipeline
     layout.remove_stale_temp_files()
     missing = sorted({u.name for u in units} - layout.done_units())
@@ -176,7 +186,7 @@ def format_summary(s: dict) -> str:
         f"  rejected           {s['rows_rejected']}",
         *(f"    {n:>6} x {kind}" for kind, n in s.get("rejected_by_reason", {}).items()),
         *([f"  cluster            {len(e['nodes_lost'])} node(s) lost, {e['actors_lost']} actor(s) lost, "
-           f"{e['actors_retired']} retired (drain), {e['chunk_failures']} failed call(s), "
+           f"{e['actors_retired']} retired (drain or pool shrink), {e['chunk_failures']} failed call(s), "
            f"{e['rows_poisoned']} image(s) given up"] if (e := s.get("cluster_events")) else []),
         f"  skipped as done    {s['rows_skipped_as_done']}",
         f"  dataset now        {s['output_rows']} captioned rows, {s['rejected_rows']} rejects",
@@ -197,7 +207,8 @@ _HELP = {
 def build_parser() -> argparse.ArgumentParser:
     """One flag per CaptionJobConfig field (``--rows-per-unit``, ``--no-progress``, ...)."""
     parser = argparse.ArgumentParser(
-        prog="alip caption", description="Caption a dataset with a Ray Data actor pool (resumable, exactly once)."
+        prog="alip caption", description="Caption a dataset on Ray: decode tasks feed a pool of caption actors sized "
+        "to the cluster (resumable, exactly once)."
     )
     hints = typing.get_type_hints(CaptionJobConfig)
     for f in dataclasses.fields(CaptionJobConfig):
@@ -214,14 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: parse flags into a CaptionJobConfig and run it. Exit code 2 on a config/input error
+    """CLI entry: parse flags into a CaptionJobConfig and run it. Exit code 1 when the cluster can never
+    hold the job (CaptionJobStalled, which says why), 2 on a config/input error
     (CaptionJobError and the data layer's StorageError/DatasetError/DatasetSchemaError: all ValueErrors
     with a message that says what to fix)."""
     args = build_parser().parse_args(argv)
     cfg = CaptionJobConfig(**vars(args))
+    from alip.captioning.scheduler import CaptionJobStalled
+
     try:
         run_captioning(cfg)
     except ValueError as exc:
         print(f"alip caption: error: {exc}", file=sys.stderr)
         return 2
+    except CaptionJobStalled as exc:  # the cluster cannot hold the job: a clear message, no traceback
+        print(f"alip caption: error: {exc}", file=sys.stderr)
+        return 1
     return 0
