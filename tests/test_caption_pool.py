@@ -130,3 +130,60 @@ def test_local_sizing_rule_uses_the_machine_and_keeps_what_the_user_set():
     assert (mine.max_actors, mine.cpus_per_actor, mine.threads) == (3, 0.5, 1)
     gpu = CaptionJobConfig(input="a", output="b", gpus_per_actor=1.0).sized(16.0, local_gpus=2.0)
     assert (gpu.max_actors, gpu.cpus_per_actor) == (2, 1.0)
+
+
+# ----------------------------------------------------------------------------- Ray's own views
+
+@pytest.mark.slow
+def test_ray_views_of_gpu_and_cpu_nodes_and_drains_give_the_rule_its_inputs(tmp_path):
+    """On a real simulated cluster (GPU nodes with and without spare CPUs, a CPU node): the view the
+    scheduler reads is Ray's, drains are seen, and a GPU job on a cluster without a GPU fails with
+    the reason instead of waiting silently."""
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
+
+    from alip.captioning import run_captioning
+    from alip.captioning.cluster_view import read_view
+    from alip.captioning.pool_control import CaptionJobStalled
+    from test_caption_job_support import write_world
+
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=80 * 2**20))
+    try:
+        gpu_roomy = c.add_node(num_cpus=4, num_gpus=1, object_store_memory=80 * 2**20)
+        gpu_tight = c.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)
+        cpu_node = c.add_node(num_cpus=2, object_store_memory=80 * 2**20)
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
+        view = read_view()
+        by_id = {n.node_id: n for n in view.nodes}
+        assert (by_id[gpu_roomy.node_id].cpus, by_id[gpu_roomy.node_id].gpus) == (4.0, 1.0)
+        assert (by_id[gpu_tight.node_id].cpus, by_id[gpu_tight.node_id].gpus) == (1.0, 1.0)
+        assert view.groups == []  # no autoscaler configured this cluster
+        gpu_actor = PoolShape(1.0, 1.0, 0.5, 0.25)
+        assert pool_capacity(view.nodes, gpu_actor) == 2  # both GPUs work; the reserve sits elsewhere
+        assert pool_capacity(view.nodes, CPU_ACTOR) == 6  # 4 + 1 + 2 CPUs, 0.75 kept free
+        gcs = ray._raylet.GcsClient(address=c.gcs_address)
+        accepted, _ = gcs.drain_node(cpu_node.node_id,
+                                     autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                     "test notice", int((time.time() + 60) * 1000))
+        assert accepted
+        view = read_view()
+        assert view.draining == {cpu_node.node_id}
+        # Without the CPU node, the tight GPU node's only CPU is its actor's; the roomy one keeps the reserve.
+        assert pool_capacity(view.nodes, gpu_actor) == 2 and pool_capacity(view.nodes, CPU_ACTOR) == 4
+        c.remove_node(gpu_roomy)
+        c.remove_node(gpu_tight)
+        c.wait_for_nodes()
+        write_world(str(tmp_path / "in"), 20, shards=1)
+        cfg = CaptionJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), captioner="builtin",
+                               gpus_per_actor=1.0, stall_timeout_s=3.0, progress=False)
+        t0 = time.time()
+        with pytest.raises(CaptionJobStalled, match="needs 1 GPU and no usable node has one"):
+            run_captioning(cfg, log=None)
+        assert time.time() - t0 < 60
+    finally:
+        ray.shutdown()
+        c.shutdown()

@@ -1,18 +1,35 @@
-"""The README is a contract: its commands run exactly as written.
+"""The README and docs/ are a contract: every command in them is run or checked here.
 
-The commands are READ from README.md (never restated here), so editing the README or the CLI
-without the other fails this test:
+The commands are READ from README.md and docs/*.md (never restated here), so editing a page or the
+CLI without the other fails this test. Only fenced ```bash (or sh/shell/console/zsh) blocks hold
+commands. Which rule covers a block is said by a marker, an HTML comment (invisible on the rendered
+page) on the last non-blank line before the block's opening fence:
 
-* every command of the "Commands" section's code blocks (and of a "Serving" section, if the README
-  has one) runs in order, in a scratch copy of the checkout: world -> caption -> pretrain -> eval,
-  then each server command (`alip serve`, `serve run serve/config.yaml`) is started, answers
-  /healthz and a text embedding, and is stopped;
-* the "On a cluster" section's local block (`ray start --head` on its own ports, the token steps,
-  `ray job submit` of caption.py, pretrain.py and evaluate.py) runs as one shell script, with a
-  fresh HOME so the token really is created by the README's step; then a client WITHOUT
-  RAY_AUTH_MODE=token is shown to be refused, as the README says;
-* the real-cluster `ray job submit` lines (which need `ray up` and S3) are parsed by the same
-  entry points' argument parsers, so a renamed flag fails here too.
+* ``<!-- check: run -->``: RUN. Every command runs in order (README first, then docs/ pages in
+  name order), in a scratch copy of the checkout: world -> caption -> pretrain -> eval -> cam ->
+  explore; each server command (`alip serve`, `serve run`) is started, must answer /healthz and a
+  text embedding, and is stopped. No Ray noise (NOISE) may reach their console. (slow)
+* ``<!-- check: local-cluster -->``: exactly one block, RUN AS ONE SHELL SCRIPT: `ray start --head`
+  on its own ports, the token steps, `ray job submit` of caption.py, pretrain.py and evaluate.py,
+  with a fresh HOME so the token really is created by the block's step; then a client WITHOUT
+  RAY_AUTH_MODE=token is shown to be refused, as docs/cluster.md says. (slow)
+* ``<!-- check: parse -->``: too expensive or impossible to run here (a real `ray up` cluster and
+  S3, benchmarks of minutes to an hour, `make demo` / `make test` / `make bench`, the GPU machine's
+  command). The block must pass `bash -n`, and EACH command is checked, without running it, by
+  the first rule below that matches (leading `NAME=value` assignments are set aside first):
+    - `make T...`: every target T exists (`make -n T` in the checkout exits 0);
+    - `export NAME=value ...`: only assignments (the shell's syntax check covers them);
+    - `[.venv/bin/]alip SUB args`: `alip.cli` runs until its first `parse_args` returns, then stops;
+      the arguments must parse (SystemExit(2) on an unknown flag), `--help` must exit 0;
+    - `[.venv/bin/]python[3] SCRIPT.py args` (bench/, ray_jobs/, scripts/): the script's `--help`
+      exits 0 with a usage line, and `args` must be accepted by its argparse the same way (the
+      script is stopped as soon as its parser returns: nothing is measured or trained);
+    - `[.venv/bin/]ray SUB... args`: Ray's own click parser accepts the subcommand and its
+      options; for `ray job submit ... -- ENTRYPOINT`, the entrypoint is checked by these rules too;
+    - `[.venv/bin/]serve SUB args`: Ray Serve's click parser, the same way.
+  A command no rule matches (pipes, `&&`, `for`, `source`, another program) FAILS the test: run it
+  in a `run` block, or give it a rule here.
+A bash block without a marker, or with an unknown one, FAILS the test.
 
 Only processes this test started are stopped: each shell runs in its own session, and at the end
 every process of that session is killed (never `ray stop`, which would stop every Ray here).
@@ -28,14 +45,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 SERVER_COMMANDS = (re.compile(r"(^|\s|/)alip serve\b"), re.compile(r"(^|\s|/)serve run\b"))
 SERVE_URL = "http://127.0.0.1:8000"
 # Ray's known-harmless noise that alip.ray_setup silences (item 7 of issue 15): none may reach the
@@ -43,18 +63,56 @@ SERVE_URL = "http://127.0.0.1:8000"
 NOISE = ("Failed to query Ray Train Controller actor state", "PreemptionWatcher poll failed",
          "Exception in thread PlacementGroupCleanerMonitor", "Token authentication is enabled for this Ray cluster",
          "logging_progress.py", "Starting execution of Dataset", "Found multiple active Ray instances")
+KINDS = ("run", "local-cluster", "parse")
+SHELL_LANGS = ("bash", "sh", "shell", "console", "zsh")
+MARKER = re.compile(r"^<!--\s*check:\s*(\S+)\s*-->$")
 
 
-# ------------------------------------------------------------------------------ reading the README
+# ------------------------------------------------------------------------------ reading the pages
 
-def section(markdown: str, title: str) -> str:
-    """The text of the `## title` section ('' when there is none)."""
-    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", markdown, flags=re.M | re.S)
-    return m.group(1) if m else ""
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int          # 1-based line of the opening fence
+    kind: str | None   # the marker's rule; None when the block has no marker
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
 
 
-def bash_blocks(text: str) -> list[str]:
-    return re.findall(r"^```(?:bash|sh|shell)\s*\n(.*?)^```", text, flags=re.M | re.S)
+def pages() -> list[Path]:
+    """README.md first, then docs/*.md in name order: the order `run` blocks run in."""
+    return [README] + sorted(DOCS.glob("*.md"))
+
+
+def shell_blocks(page: Path) -> list[Block]:
+    """The page's shell code blocks, each with the rule its marker names."""
+    lines = page.read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)(```+|~~~+)\s*([\w-]*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        fence, lang, start = m.group(2), m.group(3).lower(), i
+        i += 1
+        body = []
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            body.append(lines[i])
+            i += 1
+        i += 1  # the closing fence
+        if lang not in SHELL_LANGS:
+            continue
+        prev = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        marker = MARKER.match(prev)
+        out.append(Block(page, start + 1, marker.group(1) if marker else None, "\n".join(body) + "\n"))
+    return out
+
+
+def all_blocks() -> list[Block]:
+    return [b for p in pages() for b in shell_blocks(p)]
 
 
 def commands(block: str) -> list[str]:
@@ -64,30 +122,167 @@ def commands(block: str) -> list[str]:
 
 
 def readme_commands() -> list[str]:
-    md = README.read_text()
-    blocks = bash_blocks(section(md, "Commands")) + bash_blocks(section(md, "Serving"))
-    return [c for b in blocks for c in commands(b)]
+    """The commands of every `run` block, in order (the README's pipeline first)."""
+    return [c for b in all_blocks() if b.kind == "run" for c in commands(b.text)]
 
 
 def cluster_blocks() -> tuple[list[str], list[str]]:
-    """("On a cluster" commands for a real cluster, the block for a Ray on this machine)."""
-    blocks = bash_blocks(section(README.read_text(), "On a cluster"))
-    local = [b for b in blocks if "ray start --head" in b]
-    remote = [b for b in blocks if "ray start --head" not in b]
-    assert len(local) == 1, "README 'On a cluster' must hold exactly one block with `ray start --head`"
-    return [c for b in remote for c in commands(b)], commands(local[0])
+    """(the `ray job submit` commands of `parse` blocks: a real cluster's, never run here;
+    the commands of the one `local-cluster` block)."""
+    blocks = all_blocks()
+    local = [b for b in blocks if b.kind == "local-cluster"]
+    assert len(local) == 1, f"exactly one `<!-- check: local-cluster -->` block, found {[b.where for b in local]}"
+    remote = [c for b in blocks if b.kind == "parse" for c in commands(b.text)
+              if _words(c)[:3] == ["ray", "job", "submit"]]
+    return remote, commands(local[0].text)
+
+
+def _words(command: str) -> list[str]:
+    """The command's words, `NAME=value` assignments in front set aside, `.venv/bin/` dropped."""
+    words = shlex.split(command, comments=True)
+    while words and re.match(r"^[A-Za-z_]\w*=", words[0]):
+        words = words[1:]
+    if words and words[0].startswith(".venv/bin/"):
+        words = [words[0][len(".venv/bin/"):]] + words[1:]
+    return words
 
 
 def _python_args(command: str, script: str) -> list[str] | None:
     """The arguments after `python ray_jobs/<script>` of a `ray job submit` command."""
-    words = shlex.split(command, comments=True)
+    words = _words(command)
     if words[:3] != ["ray", "job", "submit"] or "--" not in words:
         return None
     entry = words[words.index("--") + 1:]
     return entry[2:] if entry[:2] == ["python", f"ray_jobs/{script}"] else None
 
 
+# ------------------------------------------------------------------------------ the `parse` rule
+
+PYTHONS = ("python", "python3", "python3.11")
+OPERATOR = re.compile(r"^[();<>|&]+$")
+
+
+def parse_checks(command: str) -> list[tuple] | None:
+    """How a `parse` block's command is checked without running it: a list of
+    ("make", target) | ("export",) | (how, target, argv, expect) with how in script/module/click and
+    expect "parsed" or "exit 0"; None when no rule covers the command."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    if any(OPERATOR.match(tok) for tok in lexer):
+        return None  # pipes, &&, ;, redirections: not a single parseable command
+    words = _words(command)
+    if not words:
+        return None
+    prog, args = words[0], tuple(words[1:])
+    expect = "exit 0" if ("--help" in args or "-h" in args) else "parsed"
+    if prog == "make":
+        return [("make", t) for t in args] if args and not any(t.startswith("-") for t in args) else None
+    if prog == "export":
+        return [("export",)] if args and all(re.match(r"^[A-Za-z_]\w*=", a) for a in args) else None
+    if prog == "alip":
+        return [("module", "alip.cli", args, expect)] if args else None
+    if prog in PYTHONS:
+        if len(args) >= 2 and args[0] == "-m":
+            return [("module", args[1], args[2:], expect)]
+        if args and args[0].endswith(".py") and (ROOT / args[0]).is_file():
+            return [("script", args[0], ("--help",), "exit 0"), ("script", args[0], args[1:], expect)]
+        return None
+    if prog == "ray":
+        if args[:2] != ("job", "submit") or "--" not in args:
+            return [("click", "ray.scripts.scripts:cli", args, expect)]
+        head, entry = args[:args.index("--")], args[args.index("--") + 1:]
+        sub = parse_checks(shlex.join(entry)) if entry else None
+        if sub is None:
+            return None  # an entrypoint no rule covers
+        return [("click", "ray.scripts.scripts:cli", args, "exit 0" if "--help" in head else "parsed")] + sub
+    if prog == "serve":
+        return [("click", "ray.serve.scripts:cli", args, expect)]
+    return None
+
+
+# Runs in a child process: each check runs the program only until its argument parser returns.
+PARSE_HARNESS = r"""
+import argparse, contextlib, importlib, io, json, runpy, sys
+
+class Parsed(BaseException):
+    pass
+
+_parse_args = argparse.ArgumentParser.parse_args
+
+def parse_args(self, args=None, namespace=None):
+    raise Parsed(_parse_args(self, args, namespace))
+
+argparse.ArgumentParser.parse_args = parse_args
+
+def click_parse(group, argv):
+    import click
+    ctx = group.make_context(group.name or "cli", list(argv))
+    while isinstance(ctx.command, click.Group):
+        name, cmd, rest = ctx.command.resolve_command(ctx, ctx.protected_args + ctx.args)
+        ctx = cmd.make_context(name, rest, parent=ctx)
+
+results = []
+for how, target, argv in json.load(sys.stdin):
+    out, status = io.StringIO(), "ran to the end without parsing its arguments"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            sys.argv = [target, *argv]
+            if how == "script":
+                runpy.run_path(target, run_name="__main__")
+            elif how == "module":
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                module, attr = target.split(":")
+                click_parse(getattr(importlib.import_module(module), attr), argv)
+                status = "parsed"
+    except Parsed:
+        status = "parsed"
+    except SystemExit as e:
+        status = f"exit {0 if e.code is None else e.code}"
+    except Exception as e:
+        code = getattr(e, "exit_code", None)  # click's Exit(0) on --help; UsageError is 2
+        status = f"exit {code}" if code is not None else f"error {type(e).__name__}: {e}"
+    text = out.getvalue()
+    results.append({"status": status, "output": text[-3000:], "usage": "usage:" in text.lower()})
+print("\n@@RESULTS@@" + json.dumps(results))
+"""
+
+
+def _run_parse_harness(checks: list[tuple]) -> list[dict]:
+    jobs = [[how, target, list(argv)] for how, target, argv, _ in checks]
+    proc = subprocess.run([sys.executable, "-c", PARSE_HARNESS], cwd=ROOT, input=json.dumps(jobs), text=True,
+                          capture_output=True, timeout=600, env=_env(PYTHONPATH=str(ROOT)))
+    assert "@@RESULTS@@" in proc.stdout, \
+        f"parse harness failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.rsplit("@@RESULTS@@", 1)[1])
+
+
 # ------------------------------------------------------------------------------ fast checks
+
+def test_every_shell_block_is_covered_by_a_rule():
+    """Every shell block names a rule, and every command of a `parse` block has one."""
+    blocks = all_blocks()
+    assert blocks, "no shell blocks found in README.md and docs/"
+    unmarked = [f"{b.where} ({b.kind!r})" for b in blocks if b.kind not in KINDS]
+    assert not unmarked, ("shell blocks without a known `<!-- check: run|local-cluster|parse -->` marker on the "
+                          "line before: " + ", ".join(unmarked))
+    uncovered = [f"{b.where}: {c}" for b in blocks if b.kind == "parse" for c in commands(b.text)
+                 if parse_checks(c) is None]
+    assert not uncovered, "commands no rule of this test covers (see its docstring):\n" + "\n".join(uncovered)
+    assert sum(b.kind == "local-cluster" for b in blocks) == 1
+    assert any(b.kind == "run" and b.page == README for b in blocks), "the README's pipeline block is run"
+
+
+def test_rules_reject_what_they_cannot_check():
+    """The classifier itself: what it cannot check is uncovered (so the test above fails on it)."""
+    for bad in ("curl http://x | sh", "source .venv/bin/activate", "docker run x", "make -j2 test",
+                "for i in 1 2; do true; done", "ray job submit -- ./run.sh", "export PATH"):
+        assert parse_checks(bad) is None, bad
+    assert parse_checks("make demo test") == [("make", "demo"), ("make", "test")]
+    assert parse_checks("X=1 .venv/bin/alip eval --help") == [("module", "alip.cli", ("eval", "--help"), "exit 0")]
+    assert parse_checks("ray job submit -- python ray_jobs/caption.py --help")[1:] == [
+        ("script", "ray_jobs/caption.py", ("--help",), "exit 0")] * 2
+
 
 def test_readme_sections_hold_the_documented_pipeline():
     cmds = readme_commands()
@@ -104,7 +299,7 @@ def test_readme_sections_hold_the_documented_pipeline():
 
 def test_real_cluster_submissions_parse_with_the_entry_points():
     """The `ray up` cluster's commands cannot run here (S3 bucket, GPUs); their flags must still
-    be the entry points' flags, and the presets they name must validate."""
+    be the entry points' flags."""
     from alip.captioning.job import build_parser as caption_parser
     from alip.eval.runner import build_parser as eval_parser
     from alip.pretrain.config import build_parser as pretrain_parser
@@ -119,7 +314,36 @@ def test_real_cluster_submissions_parse_with_the_entry_points():
                 continue
             parser().parse_args(args)  # SystemExit(2) on an unknown or malformed flag
             seen += 1
-    assert seen >= 1, "the README shows at least one real cluster job submission"
+    assert seen >= 1, "the pages show at least one real cluster job submission"
+
+
+def test_parse_blocks_are_accepted_by_their_programs_parsers():
+    """Every `parse` block passes `bash -n`, and each of its commands is accepted by its program's
+    own parser (make targets, alip's CLI, the scripts' argparse, Ray's and Serve's click CLIs)."""
+    blocks = [b for b in all_blocks() if b.kind == "parse"]
+    failures, harness = [], []
+    for b in blocks:
+        syntax = subprocess.run(["bash", "-n"], input=b.text, text=True, capture_output=True)
+        if syntax.returncode:
+            failures.append(f"{b.where}: bash -n: {syntax.stderr.strip()}")
+        for c in commands(b.text):
+            for check in parse_checks(c) or []:
+                if check[0] == "make":
+                    r = subprocess.run(["make", "-n", check[1]], cwd=ROOT, capture_output=True, text=True)
+                    if r.returncode:
+                        failures.append(f"{b.where}: {c}: no make target {check[1]!r}: {r.stderr.strip()}")
+                elif check[0] != "export":
+                    harness.append((b, c, check))
+    unique = list(dict.fromkeys(check for _, _, check in harness))
+    results = dict(zip(unique, _run_parse_harness(unique))) if unique else {}
+    for b, c, check in harness:
+        got = results[check]
+        ok = got["status"] == check[3] and (check[3] != "exit 0" or check[0] == "click" or got["usage"])
+        if not ok:
+            failures.append(f"{b.where}: {c}\n  {check[0]} {check[1]} {' '.join(check[2])}: expected {check[3]}, "
+                            f"got {got['status']}\n{got['output'][-1500:]}")
+    assert not failures, "\n".join(failures)
+    assert any(check[1] == "bench/bench_learning.py" for _, _, check in harness), "the benchmark commands are checked"
 
 
 # ------------------------------------------------------------------------------ running them

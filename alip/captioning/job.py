@@ -187,7 +187,9 @@ def format_summary(s: dict) -> str:
         *(f"    {n:>6} x {kind}" for kind, n in s.get("rejected_by_reason", {}).items()),
         *([f"  cluster            {len(e['nodes_lost'])} node(s) lost, {e['actors_lost']} actor(s) lost, "
            f"{e['actors_retired']} retired (drain or pool shrink), {e['chunk_failures']} failed call(s), "
-           f"{e['rows_poisoned']} image(s) given up"] if (e := s.get("cluster_events")) else []),
+           f"{e['rows_poisoned']} image(s) given up"
+           + (f", {e.get('pool_shrinks', 0)} pool shrink(s) for starving decode tasks" if e.get("pool_shrinks") else "")
+           + (f", {e.get('stalls', 0)} stall report(s)" if e.get("stalls") else "")] if (e := s.get("cluster_events")) else []),
         f"  skipped as done    {s['rows_skipped_as_done']}",
         f"  dataset now        {s['output_rows']} captioned rows, {s['rejected_rows']} rejects",
         f"  images/s           {s['images_per_s']}  (pipeline {s['pipeline_s']} s, total {s['elapsed_s']} s)",
@@ -201,6 +203,10 @@ _HELP = {
     "input": "input dataset: folder or s3://bucket/prefix of Parquet shards or WebDataset tars",
     "output": "output folder or s3:// prefix (rerunning the same command resumes)",
     "captioner": "builtin | blip-large | hf:<hub id|dir|s3://dir> | ofa:<dir>",
+    "max_actors": "most caption actors (default: 1 on a cluster; one per 4 CPUs on a private local Ray); the pool "
+                  "never holds more than the cluster can beside the decode tasks",
+    "cpus_per_actor": "CPUs per caption actor (default: 1 on a cluster; the local rule on a private local Ray)",
+    "stall_timeout_s": "seconds without any progress before the job says what waits for what and acts",
 }
 
 

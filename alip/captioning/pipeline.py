@@ -4,8 +4,9 @@ By concern:
     pool.py          how many caption actors the cluster can hold (pure; the sizing rule)
     cluster_view.py  Ray's own views of nodes, drains, free resources and the autoscaler's node types
     tasks.py         the task bodies (prepare, finish, read, probe), the caption actor, their Ray options
-    scheduler.py     CaptionScheduler: the loop over ``ray.wait`` (node loss, drains, poison images,
-                     pool sizing, starvation and stall handling)
+    scheduler.py     CaptionScheduler: the loop over ``ray.wait`` that drives units through the stages
+    pool_control.py  the pool at run time: size from Ray's view, decode starvation, stall report/act/fail
+    faults.py        poison images, crashed or unreachable actors, lost nodes
 """
 
 from __future__ import annotations

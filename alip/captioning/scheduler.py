@@ -50,24 +50,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from alip.captioners import CaptionerConfig
-from alip.captioning.cluster_view import ClusterView, read_view
+from alip.captioning.cluster_view import ClusterView
+from alip.captioning.faults import FaultHandling, _first_line
 from alip.captioning.config import CaptionJobConfig
 from alip.captioning.ledger import CaptionLedger, Chunk
 from alip.captioning.plan import WorkUnit
-from alip.captioning.pool import (
-    PoolShape,
-    groups_can_grow,
-    groups_could_hold,
-    pool_capacity,
-    pool_target,
-    why_no_capacity,
-)
+from alip.captioning.pool import PoolShape
+from alip.captioning.pool_control import CaptionJobStalled, PoolControl  # noqa: F401 - re-exported
 from alip.captioning.tasks import (
     CALL_LOG_ENV,
     CRASH_ON_KEYS_ENV,
@@ -81,10 +75,6 @@ from alip.captioning.tasks import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class CaptionJobStalled(RuntimeError):
-    """The job cannot progress and nothing will change that (the message says what waits for what)."""
 
 
 @dataclass(eq=False)  # identity: actors are dict keys and list members
@@ -109,16 +99,13 @@ class _Prepared:
     probing: dict = field(default_factory=dict)  # probe ref -> Chunk (one row)
 
 
-class CaptionScheduler:
+class CaptionScheduler(PoolControl, FaultHandling):
     """Drives the units of one job through prepare tasks, caption actors and finish tasks."""
 
     #: calls queued per actor: one running + the next, so the actor never waits on the driver
     DEPTH = 2
     #: how often the driver re-reads which nodes are alive or draining (seconds)
     NODE_POLL_S = 1.0
-    #: prepare work waiting this long (at least; or 3x the median prepare time seen) with no stage task
-    #: finishing, beside idle actors and no free CPU for it, makes the pool retire an actor
-    STARVE_MIN_S = 15.0
     #: actors that die in __init__ on a live node this many times in a row: the model is broken
     MAX_INIT_FAILURES = 3
 
@@ -175,89 +162,6 @@ class CaptionScheduler:
         self._probe = ray.remote(probe_task).options(**options["probe"])
         self._decode_crash = frozenset(k for k in os.environ.get(DECODE_CRASH_ON_KEYS_ENV, "").split(",") if k)
         self._finish = ray.remote(finish_task).options(**options["finish"])
-
-    # -- cluster state and pool size --------------------------------------------------------------
-    def _poll_nodes(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_poll < self.NODE_POLL_S:
-            return
-        self._last_poll = now
-        before = self.view.signature()
-        self.view = read_view()
-        self._alive, self._draining = self.view.alive, self.view.draining
-        if self.view.signature() != before:
-            if self.starvation_cap is not None:
-                self.say(f"[caption] pool: the cluster changed; lifting the cap of {self.starvation_cap} actor(s)")
-            self.starvation_cap = None
-        self.capacity = pool_capacity(self.view.nodes, self.shape)
-
-    @property
-    def prefetch(self) -> int:
-        """Units prepared ahead of the actors (bounds the object store's use)."""
-        return 2 * max(1, self.target_actors) + 1
-
-    def _units_left(self) -> int:
-        return len(self.todo) + len(self.prepared)
-
-    def _can_grow(self) -> bool:
-        """An autoscaler can still add nodes that would hold the pool (Ray's ClusterConfig)."""
-        return (not self.private_ray and groups_can_grow(self.view.groups)
-                and groups_could_hold(self.view.groups, self.shape))
-
-    def _size_pool(self) -> None:
-        """Spawn or retire actors so the pool matches :func:`pool_target` (module docstring)."""
-        target = pool_target(self.capacity, self.cfg.max_actors, self._units_left(), self.starvation_cap)
-        if self.capacity == 0 and self._units_left():
-            self._on_no_capacity()
-            if self._can_grow():
-                target = 1  # a pending actor is the demand that makes the autoscaler launch a node
-        else:
-            self._no_capacity_since = None
-        self.target_actors = target
-        said = (self.capacity, target, len(self.view.nodes))
-        if said != self._said_capacity and self._units_left():
-            self._said_capacity = said
-            below = (f" (below --min-actors {self.cfg.min_actors}: the cluster holds no more beside the decode "
-                     "tasks)" if 0 < target < self.cfg.min_actors and target == self.capacity else "")
-            self.say(f"[caption] pool: {target} actor(s) of {self.shape.describe_actor()} (capacity {self.capacity} "
-                     f"on {len(self.view.nodes) - len(self._draining)} usable node(s), keeping "
-                     f"{self.shape.reserve_cpus:g} CPU for decode + commit; max {self.cfg.max_actors})" + below)
-        while len(self.actors) < target:
-            self._spawn()
-        surplus = len(self.actors) - target
-        if surplus <= 0:
-            return
-        # Cheapest first: actors not placed yet, then idle ones; busy ones finish their calls first.
-        for actor in sorted(self.actors, key=lambda a: (a.node is not None, len(a.inflight))):
-            if surplus <= 0:
-                break
-            if actor.retiring:
-                surplus -= 1
-                continue
-            actor.retiring = True
-            surplus -= 1
-            if actor.node is not None:
-                self.say(f"[caption] pool: retiring actor pid {actor.pid} on node {actor.node[:8]} "
-                         f"(pool target {target})")
-
-    def _on_no_capacity(self) -> None:
-        """Capacity 0: wait for a node (autoscaler, or one that joins by hand), or fail when none can come."""
-        now = time.monotonic()
-        why = why_no_capacity(self.view.nodes, self.shape)
-        if self._no_capacity_since is None:
-            self._no_capacity_since = now
-            if self._can_grow():
-                self.say(f"[caption] pool: no usable node can hold the job now ({why}); waiting for the "
-                         "autoscaler to add one")
-            elif not self.private_ray:
-                self.say(f"[caption] pool: no usable node can hold the job now ({why}); no autoscaler is "
-                         f"configured: the job fails in {self.cfg.stall_timeout_s:.0f} s unless such a node joins")
-        if self._can_grow():
-            return
-        if self.private_ray or now - self._no_capacity_since > self.cfg.stall_timeout_s:
-            where = ("this machine (a private local Ray, which no node can join)" if self.private_ray
-                     else "this cluster (no autoscaler, and no node that can hold it joined)")
-            raise CaptionJobStalled(f"caption job cannot run on {where}: {why}")
 
     def _spawn(self) -> None:
         handle = self._actor_cls.remote(*self._actor_args)
@@ -327,193 +231,6 @@ class CaptionScheduler:
             self.first_caption_s = time.perf_counter() - self._t0
             self.first_caption_rows = chunk.rows
         self._maybe_finish(chunk.unit)
-
-    # A prepare task that takes its worker down (after Ray's own retries) is isolated like a
-    # crashing caption batch: the unit's rows are probed one at a time, each probe's crash
-    # counted against its row (CaptionLedger, stage "decode"), and a row that has crashed
-    # --max-unit-attempts times becomes a reject. Then the unit is prepared again without those
-    # rows. A node loss is nobody's fault: the unit is prepared again as it was.
-    def _on_prepare_crashed(self, name: str, exc: Exception) -> None:
-        from ray.exceptions import NodeDiedError
-
-        entry = self.prepared[name]
-        entry.refs = None
-        if isinstance(exc, NodeDiedError):
-            self.say(f"[caption] unit {name}: its prepare task's node is gone; preparing it again")
-            self._submit_prepare(name)
-            return
-        entry.crashes += 1
-        self.events["prepare_crashes"] += 1
-        if entry.crashes > self.cfg.max_unit_attempts:
-            # Every row alone survived, yet the unit (its batch processing) keeps crashing.
-            raise RuntimeError(f"unit {name}: preparing it crashed the worker {entry.crashes} times although no "
-                               f"single image does ({type(exc).__name__}: {_first_line(exc)})")
-        if not self.units[name].rows:
-            raise RuntimeError(f"unit {name}: its prepare task crashed and its row count is unknown") from exc
-        rows = [i for i in range(self.units[name].rows) if i not in entry.skip]
-        reason = f"decode crashed the worker: {type(exc).__name__}"
-        self.say(f"[caption] unit {name}: preparing it crashed the worker ({type(exc).__name__}); "
-                 f"decoding its {len(rows)} row(s) one by one to find the image at fault")
-        entry.probes = CaptionLedger(chunk_rows=max(1, len(rows)), max_attempts=self.cfg.max_unit_attempts,
-                                     stage="decode")
-        entry.probe_rows = rows
-        entry.probes.add_unit(name, len(rows))
-        whole = entry.probes.next_chunk()
-        if whole is not None:
-            self._probe_failed(name, whole, reason)
-        entry.table_ref = self._read.remote(self.units[name].to_item())
-        self._submit_probes(name)
-
-    def _submit_probes(self, name: str) -> None:
-        entry = self.prepared[name]
-        while (chunk := entry.probes.next_chunk()) is not None:
-            ref = self._probe.remote(entry.table_ref, entry.probe_rows[chunk.start], name, self.captioner,
-                                     self.cfg.max_pixels, self._decode_crash)
-            entry.probing[ref] = chunk
-        if entry.probes.is_complete(name):
-            _captions, failures = entry.probes.pop_unit(name)
-            entry.skip.update({entry.probe_rows[j]: why for j, why in failures.items()})
-            entry.probes, entry.probe_rows, entry.table_ref = None, [], None
-            self._submit_prepare(name)
-
-    def _probe_failed(self, name: str, chunk: Chunk, reason: str) -> None:
-        outcome = self.prepared[name].probes.failed(chunk, reason)
-        if outcome == "rejected":
-            self.events["rows_poisoned"] += 1
-            row = self.prepared[name].probe_rows[chunk.start]
-            self.say(f"[caption] unit {name}: giving up on row {row} after {self.cfg.max_unit_attempts} "
-                     f"attempt(s): {reason}")
-
-    def _on_probe(self, name: str, ref) -> None:
-        from ray.exceptions import NodeDiedError, OutOfMemoryError, WorkerCrashedError
-
-        entry = self.prepared[name]
-        chunk = entry.probing.pop(ref)
-        try:
-            self.ray.get(ref)  # any other error (e.g. storage) fails the job, as in the unit's prepare
-        except NodeDiedError:
-            entry.probes.lost(chunk)
-        except (WorkerCrashedError, OutOfMemoryError) as exc:
-            self._probe_failed(name, chunk, f"decode crashed the worker: {type(exc).__name__}")
-        else:
-            entry.probes.succeeded(chunk, [""])
-        self._submit_probes(name)
-
-    def _on_probation(self, chunk: Chunk) -> bool:
-        """A single row retried after a crash runs alone on its actor (nothing queued before or
-        after it): then a crash is surely its own. With calls queued, Ray may fail a call that had
-        finished (its reply not yet read) together with the one that crashed, and the wrong row
-        would be blamed."""
-        return chunk.rows == 1 and self.ledger.attempts(chunk.unit)[chunk.start] > 0
-
-    def _chunk_failed(self, chunk: Chunk, reason: str) -> None:
-        self.events["chunk_failures"] += 1
-        outcome = self.ledger.failed(chunk, reason)
-        if outcome == "rejected":
-            self.events["rows_poisoned"] += 1
-            self.say(f"[caption] unit {chunk.unit}: giving up on good row {chunk.start} after "
-                     f"{self.cfg.max_unit_attempts} attempt(s): {reason}")
-        elif outcome == "split" and self.cfg.progress:
-            self.say(f"[caption] unit {chunk.unit}: rows {chunk.start}-{chunk.stop - 1} failed ({reason}); "
-                     "retrying them one by one")
-        self._maybe_finish(chunk.unit)
-
-    # An actor that stops answering (ActorUnavailableError) may be dead (crashed, or its node is
-    # gone -- Ray notices a lost node only after its health checks fail) or only slow to reach.
-    # It gets no work and is probed until that is clear, so a node loss is not blamed on the rows.
-    SUSPECT_TIMEOUT_S = 60.0
-
-    def _suspect(self, actor: _Actor, exc: Exception, first=None) -> None:
-        if actor not in self.actors:
-            return
-        self.actors.remove(actor)
-        pending = ([first] if first else []) + actor.inflight
-        actor.inflight = []
-        self.suspects[actor] = {"since": time.monotonic(), "pending": pending, "exc": exc,
-                                "probe": actor.handle.where.remote(), "probe_at": time.monotonic()}
-
-    def _check_suspects(self, ready: set) -> None:
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
-        for actor, info in list(self.suspects.items()):
-            if actor.node not in self._alive or actor.node in self._draining:
-                del self.suspects[actor]
-                self._settle(actor, info["exc"], info["pending"], node_gone=True)
-                continue
-            if info["probe"] is None:
-                if time.monotonic() - info["probe_at"] >= 1.0:
-                    info["probe"], info["probe_at"] = actor.handle.where.remote(), time.monotonic()
-                continue
-            if info["probe"] not in ready:
-                continue
-            try:
-                self.ray.get(info["probe"])
-            except ActorUnavailableError as exc:
-                info["probe"], info["exc"] = None, exc
-                if time.monotonic() - info["since"] > self.SUSPECT_TIMEOUT_S:
-                    del self.suspects[actor]
-                    self.ray.kill(actor.handle, no_restart=True)
-                    self._settle(actor, exc, info["pending"], node_gone=False)
-                continue
-            except RayActorError as exc:
-                del self.suspects[actor]
-                self._poll_nodes(force=True)
-                self._settle(actor, exc, info["pending"], node_gone=self._node_gone(actor, exc))
-                continue
-            # It answers again: whatever it was running may or may not have run; run it again.
-            del self.suspects[actor]
-            self.actors.append(actor)
-            for _ref, chunk in info["pending"]:
-                self.events["chunks_requeued"] += 1
-                self.ledger.lost(chunk)
-
-    def _node_gone(self, actor: _Actor, exc: Exception) -> bool:
-        if getattr(exc, "preempted", False):
-            return True
-        if actor.node is not None and (actor.node not in self._alive or actor.node in self._draining):
-            return True
-        return bool(_NODE_DIED.search(str(exc)))
-
-    def _on_actor_died(self, actor: _Actor, exc: Exception, first=None) -> None:
-        """An actor is gone: re-queue its chunks; count the one it was running unless its node died."""
-        if actor not in self.actors:
-            return
-        self.actors.remove(actor)
-        self._poll_nodes(force=True)
-        pending = ([first] if first else []) + actor.inflight
-        actor.inflight = []
-        self._settle(actor, exc, pending, node_gone=self._node_gone(actor, exc))
-
-    def _settle(self, actor: _Actor, exc: Exception, pending: list, node_gone: bool) -> None:
-        # Submission order, not the order ray.wait reported the failures in: the oldest call is
-        # the one the actor was running (calls run one at a time, in order).
-        pending.sort(key=lambda rc: self._order.pop(rc[0], 0))
-        # Calls that finished before the actor died (their results not yet read) are not lost.
-        unfinished = []
-        for ref, chunk in pending:
-            try:
-                if self.ray.wait([ref], timeout=0)[0]:
-                    captions = self.ray.get(ref)
-                    self.ledger.succeeded(chunk, captions)
-                    self._maybe_finish(chunk.unit)
-                    continue
-            except Exception:  # noqa: BLE001 - failed with the actor: handled below
-                pass
-            unfinished.append((ref, chunk))
-        pending = unfinished
-        self.events["actors_lost"] += 1
-        if node_gone:
-            self.events["nodes_lost"].add(actor.node)
-        self.say(f"[caption] caption actor pid {actor.pid} on node {str(actor.node)[:8]} died "
-                 f"({'its node is gone' if node_gone else 'worker crashed'}: {type(exc).__name__}); "
-                 f"{len(pending)} call(s) re-queued, {len(self.actors)} actor(s) left")
-        for i, (_ref, chunk) in enumerate(pending):
-            if i == 0 and not node_gone:
-                # Calls run in order, one at a time: only the oldest one was running when it died.
-                self._chunk_failed(chunk, f"caption worker crashed: {_first_line(exc)}")
-            else:
-                self.events["chunks_requeued"] += 1
-                self.ledger.lost(chunk)
 
     def _on_actor_ready(self, actor: _Actor) -> None:
         from ray.exceptions import RayActorError
@@ -666,117 +383,3 @@ class CaptionScheduler:
         for actor in list(self.actors):
             self._drop(actor)
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in self.events.items()}
-
-    # -- starvation and stalls -------------------------------------------------------------------
-    def _stage_pending(self) -> dict[str, int]:
-        """Stage tasks submitted and not finished, by kind."""
-        out = {"prepare": 0, "probe": 0, "finish": len(self.finishing)}
-        for entry in self.prepared.values():
-            if entry.refs is not None and entry.good_keys is None:
-                out["prepare"] += 1
-            out["probe"] += len(entry.probing) + (entry.table_ref is not None)
-        return out
-
-    def _idle_actors(self) -> list[_Actor]:
-        return [a for a in self.actors if a.node and not a.retiring and not a.inflight]
-
-    def _usable_free_cpus(self) -> float:
-        return max((self.view.free_cpus(n.node_id) for n in self.view.nodes if not n.draining), default=0.0)
-
-    def _watch(self, now: float) -> None:
-        self._check_starvation(now)
-        if now - self._last_progress >= self.cfg.stall_timeout_s:
-            self._on_stall(now)
-
-    def _check_starvation(self, now: float) -> None:
-        """Prepare work that waits for CPUs while the actors it feeds sit idle holding them: retire one."""
-        pending = self._stage_pending()
-        if not (pending["prepare"] or pending["probe"]) or self.ledger.queued:
-            return
-        idle = self._idle_actors()
-        recent = sorted(self._stage_seconds[-20:])
-        wait_s = max(self.STARVE_MIN_S, 3 * recent[len(recent) // 2]) if recent else self.STARVE_MIN_S
-        if not idle or now - self._last_stage_done < wait_s:
-            return
-        free = self._usable_free_cpus()
-        if free + 1e-6 >= self.shape.decode_cpus:
-            return  # the tasks have room: they are slow, not starved
-        self._shrink_for_stages(idle[0], f"{pending['prepare'] + pending['probe']} decode task(s) "
-                                         f"({self.shape.decode_cpus:g} CPU each) have waited {now - self._last_stage_done:.0f} s "
-                                         f"and no usable node has that much free (most free: {free:g} CPU)")
-        self._last_stage_done = now  # give the freed CPUs a window before judging again
-
-    def _shrink_for_stages(self, actor: _Actor, why: str) -> None:
-        live = len([a for a in self.actors if not a.retiring])
-        self.starvation_cap = max(0, live - 1)
-        self.events["pool_shrinks"] += 1
-        actor.retiring = True
-        self.say(f"[caption] pool: {why}; retiring idle actor pid {actor.pid} on node {str(actor.node)[:8]} and "
-                 f"capping the pool at {self.starvation_cap} until the cluster changes")
-
-    def _on_stall(self, now: float) -> None:
-        """Nothing completed for --stall-timeout-s: say what waits for what, then act."""
-        self._poll_nodes(force=True)
-        self.say(self.stall_report(now))
-        self.events["stalls"] += 1
-        if self.capacity == 0:
-            self._on_no_capacity()  # raises when no node can ever come
-            self.say("[caption] stall: waiting for a node that can hold the job")
-        else:
-            pending, idle = self._stage_pending(), self._idle_actors()
-            if (pending["prepare"] or pending["probe"]) and idle and not self.ledger.queued:
-                self._shrink_for_stages(idle[0], "stall: decode tasks wait while caption actors are idle")
-            else:
-                if self.starvation_cap is not None:
-                    self.say(f"[caption] stall: lifting the pool cap of {self.starvation_cap}")
-                self.starvation_cap = None
-                for info in self.suspects.values():  # re-probe unreachable actors now
-                    if info["probe"] is None:
-                        info["probe_at"] = 0.0
-                self.say("[caption] stall: re-read the cluster; the job goes on waiting (it fails only when no "
-                         "node can ever hold its work)")
-        self._last_progress = now
-
-    def stall_report(self, now: float) -> str:
-        """What waits for what, on which nodes (the stall message; also useful when debugging)."""
-        pending = self._stage_pending()
-        oldest = max((now - t for t in self._submitted_at.values()), default=0.0)
-        placed = [a for a in self.actors if a.node]
-        busy = [a for a in placed if a.inflight]
-        lines = [f"[caption] no progress for {now - self._last_progress:.0f} s "
-                 f"({self.committed}/{len(self.units)} unit(s) committed this run, "
-                 f"{self.ledger.queued} batch(es) queued for the actors); waiting for:"]
-        free = self._usable_free_cpus()
-        lines.append(f"  - {pending['prepare']} prepare + {pending['probe']} probe task(s) "
-                     f"({self.shape.decode_cpus:g} CPU each; oldest submitted {oldest:.0f} s ago)"
-                     + ("" if not (pending["prepare"] or pending["probe"]) else
-                        (": no usable node has that much CPU free" if free + 1e-6 < self.shape.decode_cpus
-                         else f": a node has {free:g} CPU free (the tasks run or wait for their inputs)")))
-        lines.append(f"  - {pending['finish']} finish task(s) ({self.shape.finish_cpus:g} CPU each)")
-        lines.append(f"  - {len(self.actors)} caption actor(s) of {self.shape.describe_actor()} (target "
-                     f"{self.target_actors}, capacity {self.capacity}): {len(self.actors) - len(placed)} not placed "
-                     f"yet, {len(busy)} busy, {len(placed) - len(busy)} idle"
-                     + "".join(f"; pid {a.pid} on {a.node[:8]}" + (" (retiring)" if a.retiring else "")
-                               for a in placed[:6])
-                     + (f"; {len(self.suspects)} unreachable, being probed" if self.suspects else ""))
-        for n in self.view.nodes[:12]:
-            avail = self.view.available.get(n.node_id, {})
-            lines.append(f"  node {n.node_id[:8]}: {avail.get('CPU', 0.0):g}/{n.cpus:g} CPU free"
-                         + (f", {avail.get('GPU', 0.0):g}/{n.gpus:g} GPU free" if n.gpus else "")
-                         + (" (draining)" if n.draining else ""))
-        if not self.view.nodes:
-            lines.append("  no live node")
-        if self.capacity == 0:
-            lines.append(f"  the pool cannot hold any actor: {why_no_capacity(self.view.nodes, self.shape)}")
-        return "\n".join(lines)
-
-
-#: How Ray words an actor death caused by its node's death (ActorDiedError's message).
-_NODE_DIED = re.compile(r"node (has )?died|node .*(is|was) (dead|removed|terminated)|preempt", re.IGNORECASE)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # Ray's errors start with a generic line; the last line names the actual cause.
-    return (lines[-1] if lines else type(exc).__name__)[:300]
