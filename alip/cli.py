@@ -1,7 +1,7 @@
 """`alip world|caption|pretrain|eval|explore|serve|demo`: one command, the same functions the Ray jobs use.
 
     alip world generate --out data/world --n 256 --noise 0.5 --seed 0
-    alip caption --help          # Ray Data captioning (ray_jobs/caption.py)
+    alip caption --help          # captioning: Ray decode tasks + a caption actor pool (ray_jobs/caption.py)
     alip pretrain --help         # Ray Train pretraining (ray_jobs/pretrain.py)
     alip eval --help             # evaluation suites (ray_jobs/evaluate.py)
     alip explore --help          # per-sample gate scores for the /explore page (ray_jobs/explore.py)

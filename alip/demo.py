@@ -1,6 +1,6 @@
 """The whole ALIP pipeline on the built-in world, offline, on local Ray (what `make demo` runs):
 
-    generate the world -> caption it with the built-in captioner (Ray Data job)
+    generate the world -> caption it with the built-in captioner (Ray decode tasks + a caption actor pool)
     -> pretrain ALIP and, identically, a CLIP baseline (Ray Train, 2 workers, tiny preset)
     -> zero-shot accuracy of both side by side, with where the plots and exported models are
     -> where each model looks: a Grad-CAM grid and the pointing game (alip.cam).
@@ -8,20 +8,40 @@
 
     .venv/bin/python -m alip.demo                  # defaults: 6000 samples, 50% unrelated raw texts
     .venv/bin/python -m alip.demo --n 20000 --epochs 8
+
+The working folder is --out, else $ALIP_DEMO_OUT, else demo_out/ (in the current directory). The
+default model of `serve run serve/config.yaml` is the ALIP export in that same folder
+(alip.demo.demo_export), so setting ALIP_DEMO_OUT moves both (the tests point it at a scratch folder,
+so that a user's `make demo` output never changes what they see).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+
+#: the demo's working folder when --out is not given (else DEFAULT_OUT)
+OUT_ENV = "ALIP_DEMO_OUT"
+DEFAULT_OUT = "demo_out"
+
+
+def default_out() -> str:
+    """$ALIP_DEMO_OUT, else demo_out (relative to the current directory)."""
+    return os.environ.get(OUT_ENV) or DEFAULT_OUT
+
+
+def demo_export(objective: str = "alip", out: str | None = None) -> str:
+    """Where the demo exports `objective`'s model: <out, default :func:`default_out`>/runs/demo-<objective>/export."""
+    return os.path.join(out or default_out(), "runs", f"demo-{objective}", "export")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="alip demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="working folder (default demo_out/)")
+    p.add_argument("--out", default=None, help=f"working folder (default ${OUT_ENV}, else {DEFAULT_OUT}/)")
     p.add_argument("--n", type=int, default=6000, help="world samples (default 6000)")
     p.add_argument("--noise", type=float, default=0.5, help="fraction of unrelated raw texts (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
@@ -34,7 +54,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    out = Path(args.out).resolve()
+    out = Path(args.out or default_out()).resolve()
     world_dir, captioned_dir, runs_dir = out / "world", out / "world-captioned", out / "runs"
 
     # 1. The built-in world (regenerated only when its parameters change).
@@ -50,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"\n=== 1/4 built-in world already at {world_dir} ({args.n} samples) ===")
 
-    # 2. Captions from the built-in captioner, through the Ray Data job (resumes if already done).
+    # 2. Captions from the built-in captioner, through the caption job (resumes if already done).
     import ray
 
     if not ray.is_initialized():
@@ -60,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         init_local_ray()
     from alip.captioning import CaptionJobConfig, run_captioning
 
-    print("\n=== 2/4 captioning with the built-in captioner (Ray Data) ===")
+    print("\n=== 2/4 captioning with the built-in captioner (Ray: decode tasks + a caption actor pool) ===")
     caption_summary = run_captioning(CaptionJobConfig(input=str(world_dir), output=str(captioned_dir),
                                                       captioner="builtin"))
 

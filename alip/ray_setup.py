@@ -26,6 +26,18 @@ failures and are not. What is silenced, and why it is safe:
   PreemptionWatcher's poll failure (it polls the drain state of nodes; a failed poll is retried).
 * The "Token authentication is enabled for this Ray cluster" notice of every new local Ray (token
   auth stays on: that is Ray 2.60's default for a cluster it starts; see the README on tokens).
+* Lines of Ray's C++ core worker known to be harmless (:data:`HARMLESS_WORKER_LINES`), printed at
+  ERROR level from inside a worker process, e.g. "Actor with class name: 'PreemptionWatcher' ... has
+  constructor arguments in the object store and max_restarts > 0" (Ray Train's own actor). No Python
+  logger carries them, and Ray offers no per-message switch for C++ lines: ``RAY_BACKEND_LOG_LEVEL``
+  is one threshold for all of them (ERROR lines always also go to the process's stderr, see
+  ``RayLog::StartRayLog`` in Ray's src/ray/util/logging.cc), so raising it would hide real errors
+  too. A worker's stderr reaches this console through Ray's log-to-driver stream, and that is where
+  they are dropped (:func:`install_worker_line_filter`, in the driver); the worker's log file keeps them.
+  A driver's OWN C++ lines go straight to its stderr (file descriptor 2) and cannot be filtered
+  this way: for those, the cause is avoided (the same line for a Ray Data actor pool, which Ray
+  Data creates with max_restarts=-1 and its arguments in the object store: alip.explore.job scores
+  in Ray Data tasks instead, see there).
 * Deprecation warnings raised inside Ray's own modules about Ray's own internals
   (``DeprecationWarning``/``FutureWarning`` whose module is ``ray.*``); ours and those of other
   libraries still show.
@@ -53,9 +65,25 @@ HARMLESS_MESSAGES: tuple[tuple[str, str], ...] = (
     ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"),
     ("ray.data._internal.execution.streaming_executor", "Starting execution of Dataset"),
     ("ray.data._internal.execution.streaming_executor", "Execution plan of Dataset"),
+    # Ray Data's INFO line at the end of each dataset (its own logging setup shows INFO on the
+    # driver); our jobs print their own summary. A failed execution still shows (and raises).
+    ("ray.data._internal.execution.streaming_executor", "execution finished in"),
     # Ray Data's notice that its progress bars are off: we turn them off (QUIET_ENV), on purpose.
     ("ray.data._internal.progress", "Progress bars disabled"),
     ("ray.data._internal.progress", "Progress will be logged because stdout is a non-interactive terminal"),
+)
+
+#: Lines of Ray's C++ core worker, printed from inside a worker process, known to be harmless: each
+#: entry's substrings must ALL be in the line. Dropped from this console (the worker's log file keeps
+#: them) by :func:`install_worker_line_filter`; see the module docstring for why there, and not in Ray.
+HARMLESS_WORKER_LINES: tuple[tuple[str, ...], ...] = (
+    # core_worker.cc, ERROR, once per process (ray-project/ray#53727): an actor created with
+    # max_restarts != 0 whose constructor arguments hold object refs may fail to restart if those
+    # objects are lost. Ray Train's controller creates its PreemptionWatcher that way for every
+    # worker group (max_restarts=-1; the arguments are the train workers' live actor handles) and
+    # kills it with the worker group; the next group gets a new one. Ray Train's actor, not ours:
+    # nothing to act on.
+    ("Actor with class name: 'PreemptionWatcher'", "has constructor arguments in the object store"),
 )
 
 #: Loggers whose INFO lines are chatter on a console that already shows our progress lines.
@@ -140,6 +168,47 @@ def install_log_filters() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\.|$)")
 
 
+def _harmless_worker_line(line: str) -> bool:
+    return any(all(n in line for n in needles) for needles in HARMLESS_WORKER_LINES)
+
+
+#: The handler name under which Ray's driver prints its workers' output (ray._private.worker).
+_PRINT_HANDLER = "ray_print_logs"
+
+
+def _drop_harmless_lines(handler):
+    def filtered(data):
+        lines = data.get("lines") or []
+        kept = [line for line in lines if not _harmless_worker_line(line)]
+        if len(kept) != len(lines):
+            if not kept:
+                return
+            data = {**data, "lines": kept}
+        handler(data)
+
+    filtered._alip_filtered = True
+    return filtered
+
+
+def install_worker_line_filter() -> None:
+    """Drop :data:`HARMLESS_WORKER_LINES` from the worker output Ray prints on this driver's console
+    (idempotent; after ``ray.init``, which installs Ray's printer). Ray forwards each worker's
+    stdout/stderr lines to the driver, which hands each batch to the handlers of its log dispatcher
+    (``ray._private.ray_logging.global_worker_stdstream_dispatcher``; Ray's own is "ray_print_logs");
+    this wraps Ray's printer so those lines never reach it. Without that dispatcher (another Ray
+    version) it does nothing: the lines then show, nothing else changes."""
+    if _verbose():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(getattr(dispatcher, "handlers", [])):
+        if name == _PRINT_HANDLER and not getattr(handler, "_alip_filtered", False):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, _drop_harmless_lines(handler))
+
+
 def quiet_ray() -> None:
     """Quiet-console settings for this process (before ``ray.init``) and the Ray it starts."""
     if _verbose():
@@ -192,6 +261,17 @@ def _describe_cluster() -> str:
     return f"{len(nodes)} node(s), {res.get('CPU', 0):g} CPUs" + (f", {gpus:g} GPUs" if gpus else ", no GPU")
 
 
+#: Set when this process started a private local Ray (init_local_ray): no node can ever join it.
+_PRIVATE_RAY_STARTED = False
+
+
+def is_private_local_ray() -> bool:
+    """Whether the Ray this process uses is a private local one it started (no other node can join)."""
+    import ray
+
+    return _PRIVATE_RAY_STARTED and ray.is_initialized()
+
+
 def init_local_ray(num_cpus: int | None = None, *, log=print, **kwargs) -> None:
     """Start a private local Ray for this process (``address="local"``) and say so.
 
@@ -204,9 +284,12 @@ def init_local_ray(num_cpus: int | None = None, *, log=print, **kwargs) -> None:
         os.environ.setdefault(name, value)  # the raylet ray.init starts inherits this environment
     kwargs = _init_kwargs(kwargs)
     kwargs.setdefault("include_dashboard", False)
+    global _PRIVATE_RAY_STARTED
+    _PRIVATE_RAY_STARTED = True
     log(f"[ray] starting a private local Ray for this run (address='local', "
         f"{num_cpus if num_cpus is not None else os.cpu_count()} CPUs); it stops when this process ends")
     ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    install_worker_line_filter()
 
 
 def attach_ray(address: str, *, log=print, **kwargs) -> None:
@@ -218,6 +301,7 @@ def attach_ray(address: str, *, log=print, **kwargs) -> None:
         raise ValueError(f"attach_ray needs a cluster address, got {address!r}; use init_local_ray() for a private Ray")
     quiet_ray()
     ray.init(address=address, **_init_kwargs(kwargs))
+    install_worker_line_filter()
     found = ray.get_runtime_context().gcs_address
     log(f"[ray] attached to the Ray cluster at {found} (asked for {address!r}): {_describe_cluster()}")
 

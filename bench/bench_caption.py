@@ -124,8 +124,8 @@ def serial_actor_job(inp: str, out: str, spec: str, args) -> dict:
     from ray.util import ActorPool
 
     t0 = time.perf_counter()
-    actor_cls = ray.remote(SerialCaptionActor).options(num_cpus=args.cpus_per_actor)
-    actors = [actor_cls.remote(spec, args.batch_size, args.threads) for _ in range(args.actors)]
+    actor_cls = ray.remote(SerialCaptionActor).options(num_cpus=1.0)
+    actors = [actor_cls.remote(spec, args.batch_size or 32, args.threads)]
     decode = ray.remote(_decode_full_rgb).options(num_cpus=0.5)
     shards = list_shards(inp)
     pool = ActorPool(actors)
@@ -140,13 +140,17 @@ def serial_actor_job(inp: str, out: str, spec: str, args) -> dict:
 
 # ----------------------------------------------------------------------------- "after": the job
 
+def job_config(inp: str, out: str, spec: str, args) -> CaptionJobConfig:
+    """The caption job as `make demo` runs it (alip/demo.py: every default) unless flags say otherwise:
+    the pool's size and threads then come from the job's local rule (CaptionJobConfig.sized)."""
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("rows_per_unit", args.rows_per_unit),
+                                   ("max_actors", args.actors), ("cpus_per_actor", args.cpus_per_actor),
+                                   ("torch_threads", args.job_threads)) if v is not None}
+    return CaptionJobConfig(input=inp, output=out, captioner=spec, progress=False, **overrides)
+
+
 def caption_job(inp: str, out: str, spec: str, args) -> dict:
-    cfg = CaptionJobConfig(
-        input=inp, output=out, captioner=spec, batch_size=args.batch_size,
-        rows_per_unit=args.rows_per_unit, min_actors=args.actors, max_actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, torch_threads=args.threads, progress=False,
-    )
-    s = run_captioning(cfg, log=None)
+    s = run_captioning(job_config(inp, out, spec, args), log=None)
     timing = s["timing"]
     startup = timing["first_caption_s"] or 0.0
     gen = timing["generate"]
@@ -160,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--shard-size", type=int, default=250, help="world rows per shard (= one serial-actor unit)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rows-per-unit", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (bare loop and each actor)")
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the job's (32)")
+    p.add_argument("--rows-per-unit", type=int, default=None, help="default: the job's (512: one unit per shard)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads of the bare loop and the serial actor (default: every core)")
+    p.add_argument("--job-threads", type=int, default=None, help="the job's torch threads (default: its local rule)")
+    p.add_argument("--actors", type=int, default=None, help="the job's max actors (default: its local rule)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="the job's CPUs per actor (default: its local rule)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all variants, order rotating")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
@@ -184,14 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
     warm = load_captioner(spec)
     warm.caption([Image.new("RGB", (64, 64))])  # warm-up: lazy imports, first-call init
     say(f"world of {args.n} images generated in {time.perf_counter() - t0:.1f} s; captioner {warm.name}, "
-        f"batch {args.batch_size}, {os.cpu_count()} CPUs, torch threads {args.threads}, actors {args.actors}, "
-        f"units of {args.rows_per_unit} rows, {args.rounds} round(s)")
+        f"batch {args.batch_size or 32}, {os.cpu_count()} CPUs, bare-loop torch threads {args.threads}, "
+        f"{args.rounds} round(s)")
     t0 = time.perf_counter()
     init_local_ray(num_cpus=os.cpu_count(), log_to_driver=False, log=lambda _m: None)
     init_s = time.perf_counter() - t0
     say(f"ray.init {init_s:.1f} s (one-time, not counted)")
 
-    variants = {"bare": lambda out: bare_loop(f"{tmp}/world", out, spec, args.batch_size, args.threads),
+    sized = job_config("in", "out", spec, args).sized(float(os.cpu_count()))
+    say(f"the job (as `make demo` runs it unless flags say otherwise): {sized.max_actors} actor(s) x "
+        f"{sized.threads} torch thread(s), {sized.cpus_per_actor:g} CPU each, batch {sized.batch_size}, units of "
+        f"{sized.rows_per_unit} rows")
+    variants = {"bare": lambda out: bare_loop(f"{tmp}/world", out, spec, args.batch_size or 32, args.threads),
                 "serial": lambda out: serial_actor_job(f"{tmp}/world", out, spec, args),
                 "job": lambda out: caption_job(f"{tmp}/world", out, spec, args)}
     labels = {"bare": "bare loop (read+decode+caption+write)", "serial": "serial actor (before)",

@@ -128,23 +128,40 @@ def bound_s(t: Trial, stall_timeout_s: float) -> float:
 
 # ------------------------------------------------------------------------------------------- a trial
 
-class Background:
-    """run_captioning in a thread, its log lines kept."""
+class JobProcess:
+    """The caption job as its own driver process (``python ray_jobs/caption.py``, as a user runs it):
+    a hung job can be killed without taking the harness (and its Ray connection) down."""
 
-    def __init__(self, cfg):
-        from alip.captioning import run_captioning
+    def __init__(self, args: list[str], env: dict, log_path: str):
+        import subprocess
 
-        self.lines: list[str] = []
-        self.result: dict = {}
-        self._run = run_captioning
-        self.thread = threading.Thread(target=self._go, args=(cfg,), daemon=True)
-        self.thread.start()
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ray_jobs", "caption.py"), *args],
+                                     env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT)
 
-    def _go(self, cfg):
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
         try:
-            self.result["summary"] = self._run(cfg, log=self.lines.append)
-        except BaseException as exc:  # noqa: BLE001 - inspected by the trial
-            self.result["error"] = exc
+            return self.proc.wait(timeout)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+            return None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
+    def lines(self, n: int = 15) -> list[str]:
+        self._log.flush()
+        with open(self.log_path, errors="replace") as f:
+            keep = [ln.rstrip() for ln in f if ln.startswith(("[caption]", "  ", "alip caption", "caption job"))]
+        return keep[-n:]
 
 
 def committed(out: str) -> int:
@@ -250,8 +267,6 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
     import ray
     from ray.cluster_utils import Cluster
 
-    from alip.captioning import CaptionJobConfig
-    from alip.captioning.scheduler import CaptionJobStalled
     from alip.ray_setup import RAYLET_ENV
     from test_caption_job_support import assert_exactly_once, read_output, write_world
 
@@ -264,7 +279,6 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
     poison_decode = rng.sample([k for k in clean if k not in poison_caption], trial.decode_poison)
     env = {"ALIP_CAPTION_CALL_LOG": log_dir, "ALIP_CAPTION_CRASH_ON_KEYS": ",".join(poison_caption),
            "ALIP_DECODE_CRASH_ON_KEYS": ",".join(poison_decode)}
-    os.environ.update(env)
     limit = bound_s(trial, stall_timeout_s)
     say(f"  {trial.describe()}\n    bound {limit:.0f} s")
     record = {"seed": trial.seed, "shape": trial.describe(), "bound_s": round(limit, 1), "ok": False}
@@ -275,40 +289,43 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
             cluster.add_node(num_cpus=cpus, object_store_memory=80 * 2**20)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
-        cfg = CaptionJobConfig(input=inp, output=out, captioner="builtin", min_actors=trial.min_actors,
-                               max_actors=trial.max_actors, cpus_per_actor=trial.cpus_per_actor,
-                               decode_cpus=trial.decode_cpus, rows_per_unit=trial.rows_per_unit,
-                               batch_size=trial.batch_size, num_beams=1, max_new_tokens=6, max_unit_attempts=2,
-                               stall_timeout_s=stall_timeout_s, progress=False)
+        args = ["--input", inp, "--output", out, "--captioner", "builtin", "--min-actors", str(trial.min_actors),
+                "--max-actors", str(trial.max_actors), "--cpus-per-actor", str(trial.cpus_per_actor),
+                "--decode-cpus", str(trial.decode_cpus), "--rows-per-unit", str(trial.rows_per_unit),
+                "--batch-size", str(trial.batch_size), "--num-beams", "1", "--max-new-tokens", "6",
+                "--max-unit-attempts", "2", "--stall-timeout-s", str(stall_timeout_s), "--ray-address",
+                cluster.address]
         chaos = Chaos(cluster, trial, out, log_dir, say)
         t0 = time.time()
-        job = Background(cfg)
-        while job.thread.is_alive() and time.time() - t0 < limit:
+        job = JobProcess(args, env, f"{work}/job.log")
+        while job.running() and time.time() - t0 < limit:
             chaos.tick()
             time.sleep(0.2)
         elapsed = time.time() - t0
         record.update(elapsed_s=round(elapsed, 1), events=chaos.fired)
-        if job.thread.is_alive():
-            record["why"] = f"HANG: still running after {limit:.0f} s; last lines:\n" + "\n".join(job.lines[-15:])
+        if job.running():
+            job.kill()
+            record["why"] = f"HANG: still running after {limit:.0f} s; last lines:\n" + "\n".join(job.lines(40))
             return record
         chaos.finish()
-        error = job.result.get("error")
-        if error is not None and not isinstance(error, CaptionJobStalled):
-            record["why"] = f"the job failed: {type(error).__name__}: {error}\n" + "\n".join(job.lines[-10:])
-            return record
-        if error is not None:  # it said why it cannot run: repair the cluster and rerun (resume)
-            record["stalled"] = str(error)[:300]
-            say(f"    stalled (clear error): {str(error)[:200]}")
+        rc = job.proc.returncode
+        text = "\n".join(job.lines(200))
+        if rc == 1 and "cannot run on" in text:  # it said why it cannot run: repair the cluster, rerun (resume)
+            said = next(ln for ln in text.splitlines() if "cannot run on" in ln)
+            record["stalled"] = said[:300]
+            say(f"    stalled (clear error): {said[:200]}")
             cluster.add_node(num_cpus=4, object_store_memory=80 * 2**20)
             cluster.wait_for_nodes()
-            rerun = Background(cfg)
-            rerun.thread.join(limit)
-            if rerun.thread.is_alive():
-                record["why"] = "HANG on the rerun after a repair:\n" + "\n".join(rerun.lines[-15:])
+            rerun = JobProcess(args, env, f"{work}/rerun.log")
+            rc = rerun.wait(limit)
+            if rc is None:
+                rerun.kill()
+                record["why"] = "HANG on the rerun after a repair:\n" + "\n".join(rerun.lines(40))
                 return record
-            if "error" in rerun.result:
-                record["why"] = f"the rerun failed: {rerun.result['error']}"
-                return record
+            text = "\n".join(rerun.lines(200))
+        if rc != 0:
+            record["why"] = f"the job failed (exit {rc}):\n" + "\n".join(text.splitlines()[-15:])
+            return record
         ok, why = all_cpus_free()
         if not ok:
             record["why"] = why
@@ -327,8 +344,6 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
         record["why"] = f"assertion: {exc}"
         return record
     finally:
-        for k in env:
-            os.environ.pop(k, None)
         ray.shutdown()
         cluster.shutdown()
 

@@ -1,5 +1,5 @@
 # ray job submit --working-dir . -- python ray_jobs/caption.py --input s3://bucket/world --output s3://bucket/world-captioned --captioner builtin --max-actors 4 --gpus-per-actor 1
-"""Caption a dataset with a Ray Data captioner actor pool (elastic, resumable, exactly once).
+"""Caption a dataset with Ray decode tasks and a caption actor pool (elastic, resumable, exactly once).
 
     python ray_jobs/caption.py --input demo_out/world --output demo_out/world-captioned --captioner builtin
 

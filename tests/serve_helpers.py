@@ -69,7 +69,7 @@ def running_service(export_dir, **start_kwargs):
     client and the same model loaded in-process (the reference the endpoints are compared with)."""
     import ray
 
-    from serve import app as serve_app
+    from alip.serving import deployment as serve_app
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

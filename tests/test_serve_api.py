@@ -302,18 +302,15 @@ def test_lru_cache_evicts_and_shares_pending_computation():
 
 
 def test_entry_points_fail_fast_on_bad_settings_and_models(tmp_path):
-    """`alip serve` / serve.app.build refuse typos and missing models in the driver, before Ray starts."""
-    import sys
-    from pathlib import Path
-
+    """`alip serve` / deployment.build refuse typos and missing models in the driver, before Ray starts.
+    "no model": no model given, $ALIP_SERVE_MODEL unset, and no demo export in the session's demo
+    folder ($ALIP_DEMO_OUT, a scratch folder: see tests/conftest.py), whatever `make demo` left here."""
     from alip.model import ModelLoadError
     from alip.serving import run_local
+    from alip.serving.deployment import app_builder, build
 
     with pytest.raises(ServeConfigError, match="unknown serve setting"):
         run_local(str(tmp_path), settings={"max_batch": 4})
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from serve.app import app_builder, build
-
     with pytest.raises(ModelLoadError, match="open_clip_config.json"):
         build(str(tmp_path))                       # a folder that is not an export
     with pytest.raises(ModelLoadError, match="does not exist"):
@@ -451,11 +448,8 @@ def test_readiness_probe_runs_a_real_forward(model):
 
 
 def test_serve_app_limits_and_default_model(tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from serve import app as serve_app
+    from alip import demo
+    from alip.serving import deployment as serve_app
 
     with pytest.raises(ServeConfigError, match="max_queued_requests"):
         serve_app.build("random:alip-tiny", max_queued_requests=0)
@@ -466,12 +460,45 @@ def test_serve_app_limits_and_default_model(tmp_path, monkeypatch):
     assert opts.ray_actor_options["num_cpus"] == 0.5 and opts.max_queued_requests == 7
     assert opts._deployment_config.backpressure_config.retry_after_s == 1
 
-    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ALIP_SERVE_MODEL", raising=False)
-    monkeypatch.setattr(serve_app, "DEFAULT_MODEL", "no/such/demo/export")
-    with pytest.raises(ServeConfigError, match="make demo.*ALIP_SERVE_MODEL"):
+    monkeypatch.setenv(demo.OUT_ENV, str(tmp_path / "my-demo"))
+    with pytest.raises(ServeConfigError, match="make demo.*ALIP_SERVE_MODEL") as e:
         serve_app.app_builder({})
+    assert str(tmp_path / "my-demo" / "runs" / "demo-alip" / "export") in str(e.value)
+    # the default: the demo's ALIP export in the demo folder ($ALIP_DEMO_OUT here)
+    demo_export = export_open_clip(create_model("alip-tiny"), tmp_path / "my-demo" / "runs" / "demo-alip" / "export")
+    assert serve_app.app_builder({})._bound_deployment.init_args[0] == str(demo_export.resolve())
+    # $ALIP_SERVE_MODEL wins over the default
     export = export_open_clip(create_model("alip-tiny"), tmp_path / "exp")
     monkeypatch.setenv("ALIP_SERVE_MODEL", str(export))
     bound = serve_app.app_builder({"max_batch_size": "4"})._bound_deployment
     assert bound.init_args[0] == str(export.resolve()) and bound.init_args[1]["max_batch_size"] == 4
+    # a relative default is looked up in the current directory (a `make demo` there)
+    monkeypatch.delenv("ALIP_SERVE_MODEL")
+    monkeypatch.delenv(demo.OUT_ENV)
+    (tmp_path / "my-demo").rename(tmp_path / "demo_out")
+    monkeypatch.chdir(tmp_path)
+    assert serve_app.app_builder({})._bound_deployment.init_args[0] == str(
+        (tmp_path / "demo_out" / "runs" / "demo-alip" / "export").resolve())
+
+
+def test_serve_app_is_the_library_deployment_under_the_serve_cli_import_path():
+    """serve/config.yaml's import_path (serve.app:app_builder) reaches the library's deployment."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from alip.serving import deployment
+
+    root = Path(__file__).resolve().parents[1]
+    apps = yaml.safe_load((root / "serve" / "config.yaml").read_text())["applications"]
+    module, attr = apps[0]["import_path"].split(":")
+    sys.path.insert(0, str(root))  # `serve run` imports it from the checkout (Ray puts the cwd on the path)
+    try:
+        app_module = importlib.import_module(module)
+    finally:
+        sys.path.remove(str(root))
+    assert getattr(app_module, attr) is deployment.app_builder
+    assert app_module.build is deployment.build and app_module.ALIPServer is deployment.ALIPServer

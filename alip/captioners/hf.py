@@ -8,6 +8,7 @@ to the class named in its config's ``architectures``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -40,13 +41,40 @@ def _numpy_float(config: CaptionerConfig):
     return np.float16 if config.effective_dtype == "fp16" else np.float32
 
 
+def _writable(value: np.ndarray) -> np.ndarray:
+    """`value` as a C-contiguous array torch may share: prepared inputs arrive from Ray's object
+    store READ-ONLY (zero-copy), and a tensor over read-only memory is undefined behaviour on any
+    write (torch warns). Those are copied (a memcpy of one batch of pixels, next to a generate of
+    seconds); a writable contiguous array is shared as is."""
+    if value.flags.writeable and value.flags.c_contiguous:
+        return value
+    return np.array(value, order="C", copy=True)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' own switch for its tqdm bars ("Loading weights", downloads), off while a model
+    loads: inside a job's actors they only add lines to the job's output (the job prints its own
+    progress). Restored afterwards, so a caller's choice outside the load stands."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load_processor(source: str):
     from transformers import AutoProcessor
 
     if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
         raise CaptionerError(f"{source!r} holds no config.json: not a transformers model directory")
     try:
-        return AutoProcessor.from_pretrained(source)
+        with _no_progress_bars():
+            return AutoProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
         hint = "" if os.path.isdir(source) else (
             " (a hub id needs network access or a copy in the HF cache; without network pass a local or "
@@ -177,7 +205,8 @@ def load_model(source: str, dtype, device: str):
         route = f"architectures:{cls.__name__}"
         log.info("%s: AutoModelForImageTextToText has no mapping, using %s", source, cls.__name__)
     try:
-        model = cls.from_pretrained(source, dtype=dtype)
+        with _no_progress_bars():
+            model = cls.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise CaptionerError(f"cannot load captioning model weights from {source!r}: {exc}") from exc
     return model.to(device).eval(), route
@@ -232,7 +261,7 @@ class HFCaptioner:
 
         tensors = {}
         for key, value in inputs.items():
-            t = torch.from_numpy(np.ascontiguousarray(value)).to(self.config.device, non_blocking=True)
+            t = torch.from_numpy(_writable(value)).to(self.config.device, non_blocking=True)
             tensors[key] = t.to(self.dtype) if t.is_floating_point() else t
         with torch.inference_mode():
             out = self.model.generate(**tensors, **self._gen_kwargs)

@@ -43,6 +43,10 @@ class PoolControl:
         self._last_poll = now
         before = self.view.signature()
         self.view = read_view()
+        # A node whose actors died with it is gone, whatever the GCS says: it keeps a dead node
+        # "Alive" until its health checks fail (~15 s), and counting it would place replacement
+        # actors on the survivors' last CPUs (the tasks rebuilding lost inputs then cannot run).
+        self.view.nodes = [n for n in self.view.nodes if n.node_id not in self.events["nodes_lost"]]
         self._alive, self._draining = self.view.alive, self.view.draining
         if self.view.signature() != before:
             if self.starvation_cap is not None:
@@ -81,9 +85,10 @@ class PoolControl:
             self.say(f"[caption] pool: {target} actor(s) of {self.shape.describe_actor()} (capacity {self.capacity} "
                      f"on {len(self.view.nodes) - len(self._draining)} usable node(s), keeping "
                      f"{self.shape.reserve_cpus:g} CPU for decode + commit; max {self.cfg.max_actors})" + below)
-        while len(self.actors) < target:
+        # Unreachable actors (being probed) still count: their resources are held until settled.
+        while len(self.actors) + len(self.suspects) < target:
             self._spawn()
-        surplus = len(self.actors) - target
+        surplus = len(self.actors) + len(self.suspects) - target
         if surplus <= 0:
             return
         # Cheapest first: actors not placed yet, then idle ones; busy ones finish their calls first.
@@ -165,6 +170,24 @@ class PoolControl:
         self.say(f"[caption] pool: {why}; retiring idle actor pid {actor.pid} on node {str(actor.node)[:8]} and "
                  f"capping the pool at {self.starvation_cap} until the cluster changes")
 
+    def _evict(self, actor, why: str) -> None:
+        """Kill an actor now and re-queue its calls (not counted against the rows: not their fault)."""
+        if not actor.retiring:
+            self.starvation_cap = max(0, len([a for a in self.actors if not a.retiring]) - 1)
+        self.actors.remove(actor)
+        for ref, chunk in actor.inflight:
+            self._order.pop(ref, None)
+            self.events["chunks_requeued"] += 1
+            self.ledger.lost(chunk)
+        actor.inflight = []
+        self.events["actors_evicted"] += 1
+        self.say(f"[caption] pool: {why}; killing actor pid {actor.pid} on node {str(actor.node)[:8]}, its calls "
+                 f"re-queued" + (f", pool capped at {self.starvation_cap}" if self.starvation_cap is not None else ""))
+        try:
+            self.ray.kill(actor.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
     def _on_stall(self, now: float) -> None:
         """Nothing completed for --stall-timeout-s: say what waits for what, then act."""
         self._poll_nodes(force=True)
@@ -175,8 +198,16 @@ class PoolControl:
             self.say("[caption] stall: waiting for a node that can hold the job")
         else:
             pending, idle = self._stage_pending(), self._idle_actors()
+            busy = [a for a in self.actors if a.node and a.inflight]
+            no_room = self._usable_free_cpus() + 1e-6 < self.shape.decode_cpus
             if (pending["prepare"] or pending["probe"]) and idle and not self.ledger.queued:
                 self._shrink_for_stages(idle[0], "stall: decode tasks wait while caption actors are idle")
+            elif busy and no_room:
+                # Calls that never finish while no CPU is free: their inputs were lost (with a node)
+                # and the tasks Ray resubmits to rebuild them cannot be placed. Free an actor's CPUs.
+                victim = next((a for a in busy if a.retiring), busy[-1])
+                self._evict(victim, "stall: its calls wait for inputs that Ray can only rebuild on CPUs the "
+                                    "actors hold")
             else:
                 if self.starvation_cap is not None:
                     self.say(f"[caption] stall: lifting the pool cap of {self.starvation_cap}")

@@ -138,7 +138,7 @@ class CaptionScheduler(PoolControl, FaultHandling):
         self.finishing: dict[object, str] = {}  # finish ref -> unit
         self.events = {"nodes_lost": set(), "actors_lost": 0, "actors_retired": 0, "chunks_requeued": 0,
                        "chunk_failures": 0, "rows_poisoned": 0, "prepare_crashes": 0,
-                       "pool_shrinks": 0, "stalls": 0}
+                       "pool_shrinks": 0, "actors_evicted": 0, "stalls": 0}
         self.generate_stats: list[dict] = []
         self.suspects: dict = {}  # unreachable actors being probed (see _suspect)
         self._init_failures = 0
@@ -298,7 +298,7 @@ class CaptionScheduler(PoolControl, FaultHandling):
                 if actor.retiring and not actor.inflight:
                     self.events["actors_retired"] += 1
                     self._drop(actor)
-            while len(self.actors) < self.target_actors:
+            while len(self.actors) + len(self.suspects) < self.target_actors:
                 self._spawn()
             # Prepare ahead, bounded.
             while self.todo and len(self.prepared) < self.prefetch:

@@ -1,4 +1,4 @@
-"""The HTTP service around an exported ALIP / open_clip model, without Ray.
+"""The HTTP service around an exported ALIP / open_clip model (all of it Ray-free but deployment.py).
 
     config.py      ServeConfig: limits, batching, cache, auth (typed, validated)
     inputs.py      client input -> model input; every mistake a ClientError with its 4xx status
@@ -10,8 +10,13 @@
     encoder.py     Encoder (model + preprocessing) and LocalBackend (no cross-request batching)
     schemas.py     pydantic request/response models = the OpenAPI schema
     api.py         create_app(backend, config, page_html): the FastAPI routes
+    explore.py     the /explore page's routes (scores files of `alip explore`)
+    deployment.py  the Ray Serve deployment around `create_app`, whose backend batches across
+                   requests; start/stop/run_local (`alip serve`) and app_builder
+    static/        the pages: index.html (/) and explore.html (/explore)
 
-serve/app.py wraps `create_app` in a Ray Serve deployment whose backend batches across requests.
+serve/app.py (the app layer) only re-exports deployment.py under the import path that
+serve/config.yaml names for the Serve CLI; nothing in this package imports it.
 """
 from alip.serving.config import TOKEN_ENV, ServeConfig, ServeConfigError
 from alip.serving.inputs import ClientError
@@ -28,19 +33,11 @@ def __getattr__(name):  # keep `import alip.serving` light: FastAPI/torch load o
 
 def run_local(model: str, host: str = "127.0.0.1", port: int = 8000, settings: dict | None = None,
               num_replicas: int | None = None, num_cpus: float | None = None) -> None:
-    """`alip serve --model ...`: start a private local Ray + Serve with serve/app.py of this checkout;
-    blocks until Ctrl-C. `settings` are ServeConfig fields; `num_replicas=None` means autoscaling
-    (1-4); `num_cpus` is CPUs PER REPLICA (default 1; Ray itself gets every CPU of the machine)."""
-    import sys
-    from pathlib import Path
+    """`alip serve --model ...`: start a private local Ray + Serve with the deployment of
+    :mod:`alip.serving.deployment`; blocks until Ctrl-C. `settings` are ServeConfig fields;
+    `num_replicas=None` means autoscaling (1-4); `num_cpus` is CPUs PER REPLICA (default 1; Ray itself
+    gets every CPU of the machine)."""
+    ServeConfig.from_dict(settings)  # a typo in a setting fails here, before Ray (or Ray Serve) is imported
+    from alip.serving.deployment import run_local as _run
 
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "serve" / "app.py").is_file():
-        raise ServeConfigError(f"serve/app.py not found in {root}: `alip serve` runs from a checkout of the "
-                               "repository (pip install -e .), where the Serve application lives")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from serve.app import run_local as _run
-
-    ServeConfig.from_dict(settings)  # a typo in a setting fails here, before Ray starts
     _run(model, host=host, port=port, settings=settings, num_replicas=num_replicas, num_cpus=num_cpus)

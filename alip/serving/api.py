@@ -1,7 +1,7 @@
 """The FastAPI application: routes, body parsing, error mapping. Ray-free.
 
 `create_app(backend, config, page_html)` is used unchanged by the Ray Serve deployment
-(serve/app.py, whose backend batches across requests) and by the unit tests (LocalBackend).
+(alip.serving.deployment, whose backend batches across requests) and by the unit tests (LocalBackend).
 
 Error mapping (every client mistake is a JSON 4xx `{"error": {status, code, message, type}}`):
   400 malformed JSON / base64 / undecodable image, Ray's proxy-control headers (middleware.py)

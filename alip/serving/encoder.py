@@ -2,7 +2,7 @@
 
 `Encoder` is synchronous and Ray-free. A *backend* gives the HTTP layer async, list-in/list-out
 access to it: `LocalBackend` runs each request's list as one forward in a worker thread (tests,
-single-process use); the Ray Serve deployment (serve/app.py) instead feeds items one by one into
+single-process use); the Ray Serve deployment (alip.serving.deployment) feeds items one by one into
 `@serve.batch` queues so that concurrent requests share forwards. Class features (zero-shot
 prompts) are encoded by `alip.serving.classes` in bounded batches through `encode_prompts`.
 """

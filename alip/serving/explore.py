@@ -33,7 +33,7 @@ from alip.serving.config import ServeConfig
 from alip.serving.inputs import ClientError
 
 METADATA_KEY = b"alip_explore"  # the same key alip.explore.job writes (kept literal: no torch import here)
-PAGE = Path(__file__).resolve().parents[2] / "serve" / "static" / "explore.html"
+PAGE = Path(__file__).with_name("static") / "explore.html"
 MAX_PER_PAGE = 200
 MAX_LISTED = 500
 
@@ -322,7 +322,7 @@ def explore_router(config: ServeConfig, page_html: str | None = None) -> APIRout
     def explore_page() -> HTMLResponse:
         html = page_html if page_html is not None else (PAGE.read_text() if PAGE.is_file() else None)
         if html is None:
-            raise ClientError(404, "not_found", f"the explorer page {PAGE} is missing from this checkout")
+            raise ClientError(404, "not_found", f"the explorer page {PAGE} is missing from this installation")
         return HTMLResponse(html)
 
     @router.get("/explore/api/files", summary="Scores files of `alip explore` under the configured roots")
