@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: setup demo test test-fast bench ofa-env clean
+.PHONY: setup demo test test-fast test-cluster bench ofa-env clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# The simulated-cluster tests alone (ray.cluster_utils.Cluster: node loss, drains, chaos trials).
+CLUSTER_TESTS := tests/test_caption_cluster.py tests/test_caption_pool.py tests/test_chaos_caption.py \
+                 tests/test_pretrain_elastic.py tests/test_spot_watch.py
+test-cluster: setup
+	$(VENV)/bin/pytest -q --durations=15 $(CLUSTER_TESTS)
 
 # Ratio benchmarks (minutes each on 2 CPUs; run on a quiet machine). See bench/*.py headers.
 bench: setup
