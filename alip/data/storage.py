@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 #: Seconds allowed for the TCP probe and the SDK's connect timeout.
@@ -120,12 +121,41 @@ def resolve(uri: str, *, must_exist: bool = False) -> Location:
     return loc
 
 
-def file_type(loc: Location) -> pafs.FileType:
-    """The pyarrow FileType of a location, with storage failures turned into StorageError."""
+def ensure_s3_connections(n: int) -> None:
+    """Let S3 filesystems made from now on keep ``n`` connections. pyarrow's S3 client keeps
+    max(25, Arrow's IO thread count) of them, and a request beyond that waits for one: the IO
+    thread count is raised to ``n`` (process-wide, never lowered; idle threads cost nothing)."""
+    if pa.io_thread_count() < n:
+        pa.set_io_thread_count(n)
+
+
+def resolve_all(uris: list[str]) -> list[Location]:
+    """:func:`resolve` for many URIs (e.g. every shard of a dataset), with one filesystem for all
+    the S3 ones: one client with its kept-alive connections and one endpoint probe, where resolving
+    each URI builds a client and probes the endpoint per file."""
+    s3 = None
+    out = []
+    for uri in uris:
+        if isinstance(uri, str) and uri.startswith("s3://") and uri[len("s3://"):].strip("/"):
+            path = uri[len("s3://"):].strip("/")
+            s3 = s3 or resolve(uri).fs
+            out.append(Location(s3, path, "s3://" + path))
+        else:
+            out.append(resolve(uri))
+    return out
+
+
+def file_info(loc: Location) -> pafs.FileInfo:
+    """The pyarrow FileInfo of a location (type, size), with storage failures turned into StorageError."""
     try:
-        return loc.fs.get_file_info(loc.path).type
+        return loc.fs.get_file_info(loc.path)
     except OSError as exc:  # pyarrow raises OSError for S3 network/auth failures
         raise StorageError(f"cannot access {loc.uri!r}: {exc}") from exc
+
+
+def file_type(loc: Location) -> pafs.FileType:
+    """The pyarrow FileType of a location, with storage failures turned into StorageError."""
+    return file_info(loc).type
 
 
 def ensure_dir(loc: Location) -> None:

@@ -4,9 +4,9 @@
 
 Per sample: s_tc, s_it, s_ic and W_s, W_t, W_c (alip.explore.scoring: the training gates with the
 export's final momentum means), for every caption column (`caption`, `caption_*`: e.g. two
-captioners side by side). Ray Data reads the shards and runs a pool of scoring actors; the driver
-streams their batches into ONE Parquet file with small row groups (ROW_GROUP rows), which the
-service's /explore page reads a page at a time.
+captioners side by side). Ray Data reads the shards and scores them in tasks (each worker process
+loads the model once, for all the tasks it runs); the driver streams their batches into ONE Parquet
+file with small row groups (ROW_GROUP rows), which the service's /explore page reads a page at a time.
 
 The scores file holds key, raw_text, the caption column(s), `source` (the shard file name in the
 captioned data) and the scores, plus `raw_text_related` when the data has it (the built-in world's
@@ -67,7 +67,7 @@ def detect_caption_columns(schema: pa.Schema, wanted: list[str] | None = None) -
 
 
 class Scorer:
-    """A Ray Data actor: loads the export once, then scores pyarrow batches."""
+    """Loads the export once, then scores pyarrow batches (:func:`score_batch` keeps one per process)."""
 
     def __init__(self, model: str, caption_columns: list[str], settings: dict, threads: int = 1):
         import torch
@@ -104,6 +104,22 @@ class Scorer:
         return pa.table(cols)
 
 
+#: this worker process's Scorer, kept for the next tasks it runs: ((its arguments), scorer)
+_PROCESS_SCORER: tuple[tuple, Scorer] | None = None
+
+
+def score_batch(batch: pa.Table, *, model: str, caption_columns: list[str], settings: dict,
+                threads: int = 1) -> pa.Table:
+    """A Ray Data task's body: ``Scorer(...)(batch)`` with the scorer of this worker process, built
+    (the model loaded) by the first task that runs here and kept for the tasks after it."""
+    global _PROCESS_SCORER
+    key = (model, tuple(caption_columns), json.dumps(settings, sort_keys=True), threads)
+    if _PROCESS_SCORER is None or _PROCESS_SCORER[0] != key:
+        _PROCESS_SCORER = None  # one model per process: the previous one goes before the next loads
+        _PROCESS_SCORER = (key, Scorer(model, list(caption_columns), settings, threads))
+    return _PROCESS_SCORER[1](batch)
+
+
 def _output_schema(captions: list[str], has_truth: bool) -> pa.Schema:
     fields_ = [("key", pa.string()), ("raw_text", pa.string())] + [(c, pa.string()) for c in captions]
     fields_.append(("source", pa.string()))
@@ -116,8 +132,8 @@ def _output_schema(captions: list[str], has_truth: bool) -> pa.Schema:
 def run_explore(cfg: ExploreConfig, log=print) -> dict:
     import ray
 
-    from alip.data.dataset import list_shards
-    from alip.data.storage import resolve
+    from alip.data.dataset import iter_footers, list_shard_sizes
+    from alip.data.storage import resolve, resolve_all
     from alip.model import ModelLoadError, export_metadata
     from alip.ray_setup import connect_ray
 
@@ -130,9 +146,10 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
         log(f"[explore] note: {cfg.model} was trained with objective {settings.objective!r}, which does not "
             "update the gates: its momentum means are the initial 1.0 and the weights say little")
     try:
-        shards = list_shards(cfg.data, format="parquet")
+        sizes = list_shard_sizes(cfg.data, format="parquet")
     except (ValueError, OSError) as e:
         raise ExploreError(f"cannot read the captioned data: {e}") from e
+    shards = list(sizes)
     first = resolve(shards[0])
     schema = pq.read_schema(first.path, filesystem=first.fs)
     for col in ("key", "image", "raw_text"):
@@ -141,7 +158,8 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
                                "`alip explore` needs a captioned dataset (key, image, raw_text, caption)")
     captions = detect_caption_columns(schema, cfg.caption_columns or None)
     has_truth = TRUTH in schema.names
-    rows_in = sum(pq.read_metadata(resolve(s).path, filesystem=resolve(s).fs).num_rows for s in shards)
+    # Every shard's row count from its footer, read concurrently (one request each on S3).
+    rows_in = sum(meta.num_rows for _, meta in iter_footers(shards, sizes))
     if rows_in == 0:
         raise ExploreError(f"{cfg.data} has no rows to score")
     out = resolve(cfg.out)
@@ -155,20 +173,28 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
     total = float(ray.cluster_resources().get("CPU", 0))
     room = int((total - 1) // cfg.cpus_per_actor)
     if room < 1:
-        raise ExploreError(f"this Ray has {total:g} CPU(s): {cfg.cpus_per_actor:g} per scoring actor plus 1 for "
+        raise ExploreError(f"this Ray has {total:g} CPU(s): {cfg.cpus_per_actor:g} per scoring task plus 1 for "
                            "reading the data do not fit; lower --cpus-per-actor")
     actors = min(cfg.actors, room)
     if actors < cfg.actors:
-        log(f"[explore] {actors} scoring actor(s) instead of {cfg.actors}: this Ray has {total:g} CPUs and "
+        log(f"[explore] {actors} scoring task(s) at a time instead of {cfg.actors}: this Ray has {total:g} CPUs and "
             "reading the data needs one")
     columns = ["key", "image", "raw_text"] + captions + ([TRUTH] if has_truth else [])
-    ds = ray.data.read_parquet([resolve(s).path for s in shards], filesystem=first.fs, include_paths=True)
+    ds = ray.data.read_parquet([loc.path for loc in resolve_all(shards)], filesystem=first.fs, include_paths=True)
     ds = ds.select_columns(columns + ["path"])
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs=dict(model=cfg.model, caption_columns=captions,
-                                                           settings=settings.to_dict(),
-                                                           threads=int(cfg.cpus_per_actor)),
+    # Scoring runs in Ray Data TASKS (at most `actors` at a time), each worker process loading the
+    # model once (score_batch). Not a Ray Data actor pool: its actors restart forever (max_restarts=-1,
+    # Ray Data 2.60's default) with constructor arguments Ray Data puts in the object store, which
+    # Ray's core worker flags at ERROR level on this driver's console ("has constructor arguments in
+    # the object store and max_restarts > 0", ray-project/ray#53727; a C++ line on the driver's own
+    # stderr, which no filter reaches), and after a node loss a restarted actor can wait forever for
+    # the lost node's resources (measured for the caption job's pool, alip/captioning/scheduler.py).
+    # Switching restarts off needs Ray Data's deprecated `ray_remote_args`. A task lost with its node
+    # is retried elsewhere by Ray Data.
+    ds = ds.map_batches(score_batch, fn_kwargs=dict(model=cfg.model, caption_columns=captions,
+                                                    settings=settings.to_dict(), threads=int(cfg.cpus_per_actor)),
                         batch_size=cfg.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor)
+                        compute=ray.data.TaskPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor)
 
     out_schema = _output_schema(captions, has_truth)
     local = not out.is_s3
@@ -182,9 +208,9 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             batch = batch.select(out_schema.names).cast(out_schema)
             writer.write_table(batch, row_group_size=ROW_GROUP)
-            for c in captions:
-                rank_scores[c].append(batch.column(f"s_tc__{c}").to_numpy())
-            if has_truth:
+            if has_truth:  # per-row scores stay on the driver only for the truth figure (world data)
+                for c in captions:
+                    rank_scores[c].append(batch.column(f"s_tc__{c}").to_numpy())
                 truth.append(~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool))
             done += batch.num_rows
             if time.perf_counter() - last > 5 or done == rows_in:
@@ -214,7 +240,8 @@ def parse_args(argv: list[str]) -> ExploreConfig:
     p.add_argument("--out", required=True, help="scores file to write, *.parquet (local or s3://)")
     p.add_argument("--caption-columns", default="", help="comma-separated (default: caption, caption_*)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--actors", type=int, default=1, help="scoring actors (each loads the model)")
+    p.add_argument("--actors", type=int, default=1,
+                   help="scoring tasks at a time (each worker process loads the model once)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--ray-address", default=None, help="attach to a cluster (default $RAY_ADDRESS, else a local Ray)")
     a = p.parse_args(argv)

@@ -6,7 +6,7 @@ come as read items (a few whole steps of its slice each, `rank_items`); this mod
 
     rank's step k  <-  ray.get(item holding step k)     [item k+1 .. k+read_ahead decoding]
 
-Why Ray tasks and not Ray Data here (Ray Data runs the captioning and explore jobs):
+Why Ray tasks and not Ray Data here (Ray Data runs the explore job):
 - a deterministic global batch needs each rank to get *its* rows in *its* order. Ray Train's
   `streaming_split` deals blocks to whichever rank asks first, so which rows make a global batch
   depends on the worker count and on timing (tests/test_pretrain_job.py compares 1 and 2 workers);
