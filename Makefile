@@ -42,6 +42,8 @@ bench: setup
 	$(PY) bench/bench_serve.py --requests 6
 	$(PY) bench/bench_learning.py
 	$(PY) bench/bench_chaos.py
+	$(PY) bench/chaos_caption.py --trials 50
+	$(PY) bench/bench_scale.py --shards 200 1000
 
 # The isolated OFA environment (transformers 4.x + ModelScope); the OFA test builds it when missing.
 ofa-env:

@@ -56,6 +56,10 @@ START_S = 40.0
 SLOW_RATE = 8.0
 #: what one event may cost (a node's death noticed by the GCS ~15 s, a replacement actor's start-up)
 EVENT_S = 30.0
+#: a decode-poison unit is probed row by row (a task each; a crash restarts the worker process)
+PROBE_S = 1.0
+#: the job's clear refusals to run on the cluster it found (it says why and exits non-zero)
+CLEAR_REFUSALS = ("cannot run on", "no node of the Ray cluster can run work yet")
 
 
 @dataclass
@@ -122,7 +126,9 @@ def bound_s(t: Trial, stall_timeout_s: float) -> float:
     """The time the job may take, stated before it starts (module docstring)."""
     losses = sum(e.kind in ("lose", "drain") for e in t.events)
     events = sum(EVENT_S + (e.deadline_s if e.kind == "drain" else 0.0) for e in t.events)
-    poison = (t.caption_poison + t.decode_poison) * EVENT_S
+    # A caption-poison batch crashes its actor, then each row alone (--max-unit-attempts 2): three
+    # actor restarts; a decode-poison unit is probed row by row.
+    poison = t.caption_poison * 3 * EVENT_S + t.decode_poison * (EVENT_S + t.rows_per_unit * PROBE_S)
     return SAFETY * (START_S + t.rows / SLOW_RATE + events + poison + losses * stall_timeout_s)
 
 
@@ -310,8 +316,8 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
         chaos.finish()
         rc = job.proc.returncode
         text = "\n".join(job.lines(200))
-        if rc == 1 and "cannot run on" in text:  # it said why it cannot run: repair the cluster, rerun (resume)
-            said = next(ln for ln in text.splitlines() if "cannot run on" in ln)
+        if rc in (1, 2) and any(r in text for r in CLEAR_REFUSALS):  # it said why it cannot run: repair, rerun
+            said = next(ln for ln in text.splitlines() if any(r in ln for r in CLEAR_REFUSALS))
             record["stalled"] = said[:300]
             say(f"    stalled (clear error): {said[:200]}")
             cluster.add_node(num_cpus=4, object_store_memory=80 * 2**20)

@@ -157,10 +157,20 @@ class PoolControl:
         free = self._usable_free_cpus()
         if free + 1e-6 >= self.shape.decode_cpus:
             return  # the tasks have room: they are slow, not starved
+        if self._stage_cpus_in_use() + 1e-6 >= self.shape.decode_cpus:
+            return  # decode tasks hold the CPUs (e.g. probes isolating a poison image): busy, not starved
         self._shrink_for_stages(idle[0], f"{pending['prepare'] + pending['probe']} decode task(s) "
                                          f"({self.shape.decode_cpus:g} CPU each) have waited {now - self._last_stage_done:.0f} s "
                                          f"and no usable node has that much free (most free: {free:g} CPU)")
         self._last_stage_done = now  # give the freed CPUs a window before judging again
+
+    def _stage_cpus_in_use(self) -> float:
+        """CPUs in use on usable nodes beyond what this job's placed actors hold: the stage tasks'
+        (and any other workload's) share. Starvation means it is below one decode task."""
+        used = sum(n.cpus - self.view.free_cpus(n.node_id) for n in self.view.nodes if not n.draining)
+        usable = {n.node_id for n in self.view.nodes if not n.draining}
+        held = sum(self.shape.cpus_per_actor for a in self.actors if a.node in usable)
+        return max(0.0, used - held)
 
     def _shrink_for_stages(self, actor, why: str) -> None:
         live = len([a for a in self.actors if not a.retiring])
@@ -200,7 +210,8 @@ class PoolControl:
             pending, idle = self._stage_pending(), self._idle_actors()
             busy = [a for a in self.actors if a.node and a.inflight]
             no_room = self._usable_free_cpus() + 1e-6 < self.shape.decode_cpus
-            if (pending["prepare"] or pending["probe"]) and idle and not self.ledger.queued:
+            if ((pending["prepare"] or pending["probe"]) and idle and not self.ledger.queued
+                    and self._stage_cpus_in_use() + 1e-6 < self.shape.decode_cpus):
                 self._shrink_for_stages(idle[0], "stall: decode tasks wait while caption actors are idle")
             elif busy and no_room:
                 # Calls that never finish while no CPU is free: their inputs were lost (with a node)
