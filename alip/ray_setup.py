@@ -25,7 +25,7 @@ failures and are not. What is silenced, and why it is safe:
   API, which is briefly unavailable while a run starts or ends; it keeps monitoring) and the
   PreemptionWatcher's poll failure (it polls the drain state of nodes; a failed poll is retried).
 * The "Token authentication is enabled for this Ray cluster" notice of every new local Ray (token
-  auth stays on: that is Ray 2.60's default for a cluster it starts; see the README on tokens).
+  auth stays on: that is Ray 2.60's default for a cluster it starts; see docs/cluster.md on tokens).
 * Lines of Ray's C++ core worker known to be harmless (:data:`HARMLESS_WORKER_LINES`), printed at
   ERROR level from inside a worker process, e.g. "Actor with class name: 'PreemptionWatcher' ... has
   constructor arguments in the object store and max_restarts > 0" (Ray Train's own actor). No Python

@@ -1,6 +1,6 @@
 """Learning benchmark: ALIP vs its baselines and ablations on the built-in world, over several seeds.
 
-    .venv/bin/python bench/bench_learning.py --seeds 0 1 2 --markdown learning_table.md   # the README table
+    .venv/bin/python bench/bench_learning.py --seeds 0 1 2 --markdown learning_table.md   # the table in docs/benchmarks.md
     .venv/bin/python bench/bench_learning.py --seeds 0 --objectives oracle,alip --steps 100  # quick look
 
 Objectives (alip.loss.ALIPLoss, plus the oracle):
@@ -44,7 +44,7 @@ zero-shot top-1 %, mean +- std over seeds 0, 1, 2        shape        colour    
     alip_no_dcg                                          22.6 +- 1.3  100.0 +- 0.0  19.2 +- 2.1   26.4 +- 1.3
     oracle                                               22.2 +- 0.3   98.8 +- 1.5  16.2 +- 1.0   48.5 +- 0.7
 ALIP - CLIP: shape +6.3 +- 1.5 (3/3 seeds), colour_shape +1.6 +- 0.7 (3/3). ALIP vs caption-only and
-vs either ablation: within noise on every task (the README says so). Only the oracle learns the pattern.
+vs either ablation: within noise on every task (docs/benchmarks.md says so). Only the oracle learns the pattern.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def format_summary(summary: dict, cfg: BenchConfig) -> str:
 
 
 def format_markdown(summary: dict, cfg: BenchConfig) -> str:
-    """The README table: one row per objective, then the paired differences."""
+    """The docs/benchmarks.md table: one row per objective, then the paired differences."""
     seeds, table, paired = summary["seeds"], summary["table"], summary["paired"]
     head = "| objective | " + " | ".join(TASKS) + " |\n|---|" + "---:|" * len(TASKS)
     rows = ["| chance | " + " | ".join(f"{CHANCE[t]:.1f}" for t in TASKS) + " |"]
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (processes); 1 = in this process")
     ap.add_argument("--captioner", default=d.captioner, help="captioner spec (alip.captioners.load_captioner)")
     ap.add_argument("--json", default=None, help="also write every run and the summary here")
-    ap.add_argument("--markdown", default=None, help="also write the README table here")
+    ap.add_argument("--markdown", default=None, help="also write the docs/benchmarks.md table here")
     args = ap.parse_args(argv)
     objectives = _parse_objectives(args.objectives)
     if len(set(args.seeds)) != len(args.seeds):
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntraining {(time.perf_counter() - t_train) / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min\n")
     print(format_summary(summary, cfg))
     markdown = format_markdown(summary, cfg)
-    print("\nmarkdown for the README:\n\n" + markdown, flush=True)
+    print("\nmarkdown for docs/benchmarks.md:\n\n" + markdown, flush=True)
     if args.markdown:
         Path(args.markdown).write_text(markdown + "\n")
     if args.json:

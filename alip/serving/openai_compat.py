@@ -1,6 +1,6 @@
 """OpenAI-compatible `POST /v1/embeddings`: request -> typed items, vectors -> OpenAI's response.
 
-Conventions (documented in the README's Serving section):
+Conventions (documented in docs/serving.md):
   * `input`: a string or a list of strings (OpenAI). A string that is a `data:image/<type>;base64,`
     URL is an image, any other string is text, so one list may mix both; results keep input order.
   * `messages`: vLLM's form for CLIP embeddings (`vllm serve openai/clip-vit-base-patch32 --runner
