@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from test_readme_commands import _scratch_checkout  # the same copy of the checkout with a linked .venv
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the tests that read the default paths, run in the scratch copy beside `make demo`'s output
@@ -57,22 +59,6 @@ def test_the_session_defaults_point_at_scratch_paths():
         assert not Path(rel).exists(), rel
 
 
-def _copy_checkout(dest: Path) -> Path:
-    """The checkout's files (tracked and untracked, not ignored) and a .venv linking to ours."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dest / rel).write_bytes(src.read_bytes())
-    (dest / ".venv").mkdir()
-    for entry in (ROOT / ".venv").iterdir():
-        if entry.name in ("bin", "lib", "lib64", "include", "pyvenv.cfg", "share"):
-            (dest / ".venv" / entry.name).symlink_to(entry)
-    return dest
-
-
 def _leave_what_make_demo_leaves(checkout: Path) -> None:
     """demo_out/ as `make demo` leaves it (a loadable model export where the serve app looks for its
     default model), and runs/, data/, eval_data/ as the README's pipeline leaves them."""
@@ -99,7 +85,7 @@ def _tree(root: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_make_demo_then_make_test(tmp_path):
-    checkout = _copy_checkout(tmp_path / "checkout")
+    checkout = _scratch_checkout(tmp_path / "checkout")
     _leave_what_make_demo_leaves(checkout)
     before = _tree(checkout)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_", "ALIP_"))}
