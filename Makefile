@@ -4,6 +4,8 @@
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# make test runs the suite on this many pytest-xdist workers (2 cores here: measured in issue 24)
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
 .PHONY: setup demo test test-fast test-cluster bench ofa-env clean
@@ -23,7 +25,7 @@ demo: setup
 
 test: setup
 	@bash scripts/ensure_chromium.sh
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

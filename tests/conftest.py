@@ -16,9 +16,17 @@ Working tree (autouse, session-scoped):
              defaults that resolve against the current directory or the checkout (demo_out/, runs/,
              data/, eval_data/) never see what a user's `make demo` or runs left there, and no test
              writes into the checkout by default. Guarded by tests/test_working_tree.py.
+
+Running in parallel (`make test` runs `pytest -n 2 --dist loadfile`, pytest-xdist):
+  * each worker gets its own Ray temp dir ($RAY_TMPDIR), so a Ray started by one worker (sessions,
+    sockets, the `ray_current_cluster` file that a bare `ray.init()` would attach to) is invisible
+    to the other;
+  * files are handed out whole (module-scoped clusters are built once) and the files with the most
+    slow tests first, so the long ones do not all land at the end of one worker (largest first).
 """
 
 import os
+import tempfile
 
 import pytest
 
@@ -26,6 +34,23 @@ from s3_server import create_bucket, moto_s3_server
 
 #: the user's settings that would point a test's defaults at their own files
 USER_PATH_ENV = ("ALIP_SERVE_MODEL", "ALIP_EVAL_DATA")
+
+
+def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # before any test imports Ray; subprocesses (ray start, jobs) inherit it
+        ray_tmp = os.path.join(tempfile.gettempdir(), f"alip-ray-{worker}")  # short: Ray's socket paths
+        os.makedirs(ray_tmp, exist_ok=True)
+        os.environ["RAY_TMPDIR"] = ray_tmp
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most slow tests first (a stable sort: a file's tests stay together, in order)."""
+    slow_per_file: dict[str, int] = {}
+    for item in items:
+        slow_per_file[item.fspath.strpath] = slow_per_file.get(item.fspath.strpath, 0) + \
+            (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow_per_file[item.fspath.strpath])
 
 
 @pytest.fixture(scope="session", autouse=True)
