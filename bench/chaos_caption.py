@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -126,8 +127,8 @@ def bound_s(t: Trial, stall_timeout_s: float) -> float:
     """The time the job may take, stated before it starts (module docstring)."""
     losses = sum(e.kind in ("lose", "drain") for e in t.events)
     events = sum(EVENT_S + (e.deadline_s if e.kind == "drain" else 0.0) for e in t.events)
-    # A caption-poison batch crashes its actor, then each row alone (--max-unit-attempts 2): three
-    # actor restarts; a decode-poison unit is probed row by row.
+    # A caption-poison batch crashes its actor, then the poison row twice alone (--max-unit-attempts
+    # 2): three actor restarts; a decode-poison unit is probed row by row.
     poison = t.caption_poison * 3 * EVENT_S + t.decode_poison * (EVENT_S + t.rows_per_unit * PROBE_S)
     return SAFETY * (START_S + t.rows / SLOW_RATE + events + poison + losses * stall_timeout_s)
 
@@ -385,6 +386,11 @@ def main(argv=None) -> int:
         say(f"trial {len(records) + 1}/{len(seeds)}")
         with tempfile.TemporaryDirectory(prefix=f"chaos-caption-{seed}-") as work:
             rec = run_trial(trial, work, a.stall_timeout_s, say=say)
+            if not rec["ok"]:  # keep the job's own console: what it said happened, for the replay
+                kept = os.path.join(tempfile.gettempdir(), f"chaos-caption-failed-{seed}-{os.getpid()}")
+                shutil.copytree(work, kept, ignore=shutil.ignore_patterns("in", "out"), dirs_exist_ok=True)
+                rec["kept"] = kept
+                say(f"    the job's logs are kept in {kept}")
         records.append(rec)
         say(f"    {'ok' if rec['ok'] else 'FAILED'} in {rec.get('elapsed_s', 0):.0f} s"
               + (f" (stalled with a clear error, then resumed: {rec['stalled'][:160]})" if rec.get("stalled") else "")

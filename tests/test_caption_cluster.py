@@ -185,8 +185,8 @@ def test_rows_that_crash_the_captioner_end_in_rejects_and_the_job_ends(cluster, 
     assert_poison_rejected(tmp_path, summary, keys, bad, poison, ROWS,
                            "captioner failed 2 time(s) on this image", "caption worker crashed")
     events = summary["cluster_events"]
-    # One crash of the batch, then each poison row once more alone: 3 crashed actors in all.
-    assert events["rows_poisoned"] == 2 and events["actors_lost"] == 3 and events["nodes_lost"] == [], \
+    # One crash of the batch (charged to no row), then each poison row twice alone: 5 crashed actors.
+    assert events["rows_poisoned"] == 2 and events["actors_lost"] == 5 and events["nodes_lost"] == [], \
         (events, run.lines)
 
 
@@ -206,7 +206,7 @@ def test_rows_that_crash_the_decode_task_end_in_rejects_and_the_job_ends(cluster
     assert_poison_rejected(tmp_path, summary, keys, bad, poison, n,
                            "decode failed 2 time(s) on this image", "decode crashed the worker")
     events = summary["cluster_events"]
-    # The unit crashed once as a whole (after Ray's retries), then each poison row once alone.
+    # The unit crashed once as a whole (after Ray's retries), then each poison row twice alone.
     assert events["prepare_crashes"] == 1 and events["rows_poisoned"] == 2, (events, run.lines)
     assert events["actors_lost"] == 0 and events["nodes_lost"] == [] and events["chunk_failures"] == 0
     assert any("decoding its 50 row(s) one by one" in line for line in run.lines), run.lines

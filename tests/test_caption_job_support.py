@@ -98,14 +98,20 @@ def assert_exactly_once(out: str, keys: list[str], corrupt_keys: list[str], capt
     got = data.column("key").to_pylist()
     dups = [k for k, c in collections.Counter(got).items() if c > 1]
     assert not dups, f"duplicated keys in output: {dups[:5]}"
-    assert set(got) == set(keys) - set(corrupt_keys)
+    want = set(keys) - set(corrupt_keys)
+    assert set(got) == want, (f"output keys != input keys - rejects: missing {sorted(want - set(got))[:5]}, "
+                              f"unexpected {sorted(set(got) - want)[:5]}")
     rej = rejects.column("key").to_pylist()
-    assert sorted(rej) == sorted(corrupt_keys)
-    assert all(r for r in rejects.column("reason").to_pylist())
-    assert data.column("caption").null_count == 0
-    assert all(c.strip() for c in data.column("caption").to_pylist())
+    assert sorted(rej) == sorted(corrupt_keys), (f"rejects != the bad images: rejected but fine "
+                                                 f"{sorted(set(rej) - set(corrupt_keys))[:5]}, bad but not "
+                                                 f"rejected {sorted(set(corrupt_keys) - set(rej))[:5]}, "
+                                                 f"{len(rej)} rejects for {len(corrupt_keys)} bad images")
+    reasons = rejects.column("reason").to_pylist()
+    assert all(reasons), f"rejects without a reason: {[k for k, r in zip(rej, reasons) if not r][:5]}"
+    assert data.column("caption").null_count == 0, "null captions in the output"
+    assert all(c.strip() for c in data.column("caption").to_pylist()), "empty captions in the output"
     if captioner is not None:
-        assert set(data.column("captioner").to_pylist()) == {captioner}
+        assert set(data.column("captioner").to_pylist()) == {captioner}, set(data.column("captioner").to_pylist())
     return data, rejects
 
 

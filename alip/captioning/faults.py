@@ -4,8 +4,9 @@ A mixin of :class:`alip.captioning.scheduler.CaptionScheduler` (it shares the sc
 ``ledger``, ``prepared``, ``actors``, ``suspects``, ``events``); split out so each concern reads
 alone. The rules:
 
-* a caption batch that raises or crashes its actor is retried row by row; a row that fails
-  ``--max-unit-attempts`` times (the last time alone on an idle actor) becomes a reject;
+* a caption batch that raises or crashes its actor is retried row by row, each row alone on an
+  idle actor; a row that fails ``--max-unit-attempts`` times alone becomes a reject (the batch's
+  failure is charged to no row: alip/captioning/ledger.py);
 * a prepare task that crashes its worker has its rows probed one at a time (same attempt rule);
 * an actor that stops answering is probed until it answers again (its calls re-run) or is known
   dead; a death with its node is nobody's fault (calls re-queued, no attempt counted).
@@ -98,7 +99,7 @@ class FaultHandling:
         after it): then a crash is surely its own. With calls queued, Ray may fail a call that had
         finished (its reply not yet read) together with the one that crashed, and the wrong row
         would be blamed."""
-        return chunk.rows == 1 and self.ledger.attempts(chunk.unit)[chunk.start] > 0
+        return self.ledger.on_probation(chunk)
 
     def _chunk_failed(self, chunk: Chunk, reason: str) -> None:
         self.events["chunk_failures"] += 1

@@ -5,10 +5,14 @@ rows to send to a caption actor and reports back captions or failures.
 
 Poison rows: a batch whose captioner crashed (segfault, OOM kill, ``os._exit``) or raised is
 split into single rows, each retried alone, so one bad image costs its own row and nothing
-else. Every attempt that contained a row counts against it; a row that has failed
-``max_attempts`` times -- the last time alone, so it is surely the culprit -- is given up on
-and becomes a reject with the reason. A batch lost with its node (spot loss, drain) is not
-the rows' fault: it is retried as it was, without counting.
+else. Only a failure of a row *alone* counts against it: a failed batch says that some row in it
+is at fault, not which, so its rows are only marked suspect (they run alone from then on). A row
+that has failed ``max_attempts`` times alone is given up on and becomes a reject with the reason.
+Why not count the batch too (as this did until 2026-12-07): with ``max_attempts=2``, an innocent
+row that shared a batch with a poison image then needed just one more crash to be rejected, and a
+worker killed from outside (a SIGKILL, the OOM killer) during its solo retry rejected a good image
+(chaos seed 145). A batch lost with its node (spot loss, drain) is not the rows' fault: it is
+retried as it was, without counting.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ class Chunk:
 @dataclass
 class _Unit:
     captions: list[str | None]
-    attempts: list[int]
+    attempts: list[int]  # failures of each row alone
     failures: dict[int, str] = field(default_factory=dict)
+    suspects: set[int] = field(default_factory=set)  # rows of a failed batch: they run alone
     open_chunks: int = 0  # queued or in flight
 
     def complete(self) -> bool:
@@ -88,15 +93,15 @@ class CaptionLedger:
         ``"split"`` (retried row by row), ``"retry"`` (a single row, tried again) or
         ``"rejected"`` (a single row out of attempts: recorded as a failure with ``reason``)."""
         unit = self._units[chunk.unit]
-        for i in range(chunk.start, chunk.stop):
-            unit.attempts[i] += 1
         unit.open_chunks -= 1
-        if chunk.rows > 1:
+        if chunk.rows > 1:  # some row in it is at fault, not known which: no row is charged
+            unit.suspects.update(range(chunk.start, chunk.stop))
             singles = [Chunk(chunk.unit, i, i + 1) for i in range(chunk.start, chunk.stop)]
             self._queue.extendleft(reversed(singles))
             unit.open_chunks += len(singles)
             return "split"
         row = chunk.start
+        unit.attempts[row] += 1
         if unit.attempts[row] >= self.max_attempts:
             unit.failures[row] = f"{self.stage} failed {unit.attempts[row]} time(s) on this image: {reason}"
             return "rejected"
@@ -116,4 +121,11 @@ class CaptionLedger:
         return unit.captions, unit.failures
 
     def attempts(self, name: str) -> list[int]:
+        """Failures of each row of unit ``name`` alone."""
         return list(self._units[name].attempts)
+
+    def on_probation(self, chunk: Chunk) -> bool:
+        """A single row that failed in a batch or alone: it must run alone on its actor, so that a
+        crash is surely its own (alip/captioning/faults.py)."""
+        unit = self._units[chunk.unit]
+        return chunk.rows == 1 and (chunk.start in unit.suspects or unit.attempts[chunk.start] > 0)
