@@ -25,7 +25,7 @@ demo: setup
 
 test: setup
 	@bash scripts/ensure_chromium.sh
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -261,15 +261,18 @@ def _describe_cluster() -> str:
     return f"{len(nodes)} node(s), {res.get('CPU', 0):g} CPUs" + (f", {gpus:g} GPUs" if gpus else ", no GPU")
 
 
-#: Set when this process started a private local Ray (init_local_ray): no node can ever join it.
-_PRIVATE_RAY_STARTED = False
+#: The GCS address of the private local Ray init_local_ray started in this process, if any. The
+#: address, not a flag: a process that started one, shut it down and attached to a cluster later (a
+#: notebook, a test session) is on that cluster, not on a private Ray.
+_PRIVATE_RAY_GCS: str | None = None
 
 
 def is_private_local_ray() -> bool:
     """Whether the Ray this process uses is a private local one it started (no other node can join)."""
     import ray
 
-    return _PRIVATE_RAY_STARTED and ray.is_initialized()
+    return (_PRIVATE_RAY_GCS is not None and ray.is_initialized()
+            and ray.get_runtime_context().gcs_address == _PRIVATE_RAY_GCS)
 
 
 def init_local_ray(num_cpus: int | None = None, *, log=print, **kwargs) -> None:
@@ -284,11 +287,11 @@ def init_local_ray(num_cpus: int | None = None, *, log=print, **kwargs) -> None:
         os.environ.setdefault(name, value)  # the raylet ray.init starts inherits this environment
     kwargs = _init_kwargs(kwargs)
     kwargs.setdefault("include_dashboard", False)
-    global _PRIVATE_RAY_STARTED
-    _PRIVATE_RAY_STARTED = True
+    global _PRIVATE_RAY_GCS
     log(f"[ray] starting a private local Ray for this run (address='local', "
         f"{num_cpus if num_cpus is not None else os.cpu_count()} CPUs); it stops when this process ends")
     ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    _PRIVATE_RAY_GCS = ray.get_runtime_context().gcs_address
     install_worker_line_filter()
 
 

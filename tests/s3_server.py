@@ -1,7 +1,8 @@
 """A real S3-compatible server for tests: moto's standalone server on 127.0.0.1.
 
 Tests talk to it over HTTP exactly like they would to MinIO or AWS (pyarrow's S3 client,
-boto3, subprocesses, Ray workers), nothing is monkey-patched. Exposed through the
+boto3, subprocesses, Ray workers), nothing is monkey-patched; conditional writes are made atomic
+(as on S3: see _atomic_conditional_server). Exposed through the
 ``s3_server`` / ``s3_bucket`` fixtures in ``tests/conftest.py``.
 """
 
@@ -28,6 +29,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _atomic_conditional_server(ip: str, port: int):
+    """moto's ThreadedMotoServer, with conditional requests (If-Match / If-None-Match) made atomic
+    as they are on S3. moto checks the condition, then writes, with no lock between: two concurrent
+    "create if absent" PUTs of one key can both succeed. Under load (the suite on two xdist
+    workers) test_caption_lease's race saw two lease winners that real S3 would never allow."""
+    import threading
+
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            inner = DomainDispatcherApplication(create_backend_app)
+            conditional = threading.Lock()
+
+            def app(environ, start_response):
+                if "HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ:
+                    with conditional:  # check and write as one step; the response read inside the lock
+                        return list(inner(environ, start_response))
+                return inner(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return Server(ip_address=ip, port=port, verbose=False)
+
+
 @contextmanager
 def moto_s3_server() -> Iterator[str]:
     """Start moto's threaded server on a free local port, set the S3 env vars, yield the endpoint.
@@ -36,11 +66,9 @@ def moto_s3_server() -> Iterator[str]:
     AWS_ENDPOINT_URL and ALIP_S3_ENDPOINT to the server; restores the environment on exit.
     The variables are inherited by subprocesses and by Ray workers started afterwards.
     """
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = _atomic_conditional_server("127.0.0.1", port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(S3_ENV, AWS_ENDPOINT_URL=endpoint, ALIP_S3_ENDPOINT=endpoint)

@@ -26,10 +26,13 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from alip.ray_setup import is_private_local_ray
+
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=150 * 2**20))
     for _ in range(3):
         c.add_node(num_cpus=2, object_store_memory=150 * 2**20)
     ray.init(address=c.address, log_to_driver=False)
+    assert not is_private_local_ray(), "a cluster, whatever this process started before"
     c.wait_for_nodes()
     yield c
     ray.shutdown()

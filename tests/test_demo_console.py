@@ -23,6 +23,7 @@ import textwrap
 
 import pytest
 
+from log_capture import capture_loggers
 from test_readme_commands import NOISE
 
 #: what the demo's console must not show, beside NOISE
@@ -166,7 +167,7 @@ def test_ray_datas_end_of_dataset_info_line_is_dropped_a_failure_is_not(caplog, 
     saved = {n: list(logging.getLogger(n).filters) for n, _ in ray_setup.HARMLESS_MESSAGES}
     try:
         ray_setup.install_log_filters()
-        with caplog.at_level(logging.INFO):
+        with capture_loggers(caplog, logger.name):
             logger.info("\u2714\ufe0f  Dataset dataset_03_0 execution finished in 16.40 seconds")
             logger.info("\u26a0\ufe0f  Dataset dataset_04_0 execution failed")
     finally:  # every logger as it was: other tests check the filters' absence

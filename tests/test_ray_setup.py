@@ -11,12 +11,15 @@ import textwrap
 import pytest
 
 from alip import ray_setup
+from log_capture import capture_loggers
 
 
 @pytest.fixture
 def clean_loggers():
     names = {name for name, _ in ray_setup.HARMLESS_MESSAGES}
     saved = {n: list(logging.getLogger(n).filters) for n in names}
+    for n in names:  # no filter left by an earlier Ray run in this process (a job test on this worker)
+        logging.getLogger(n).filters[:] = [f for f in saved[n] if not isinstance(f, ray_setup._DropHarmless)]
     yield
     for n, filters in saved.items():
         logging.getLogger(n).filters[:] = filters
@@ -29,7 +32,7 @@ def test_harmless_messages_are_dropped_real_warnings_are_not(clean_loggers, capl
     cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
     assert sum(isinstance(f, ray_setup._DropHarmless) for f in cleaner.filters) == 1
     watcher = logging.getLogger("ray.train.v2._internal.execution.preemption")
-    with caplog.at_level(logging.INFO):
+    with capture_loggers(caplog, cleaner.name, watcher.name, "ray.data._internal.progress"):
         cleaner.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
         watcher.warning("PreemptionWatcher poll failed")
         watcher.warning("PreemptionWatcher: preemption detected — preempted_node_ids=%s", ["n1"])  # real: shown
@@ -44,7 +47,7 @@ def test_harmless_messages_are_dropped_real_warnings_are_not(clean_loggers, capl
 def test_verbose_env_keeps_everything(clean_loggers, caplog, monkeypatch):
     monkeypatch.setenv(ray_setup.VERBOSE_ENV, "1")
     ray_setup.install_log_filters()
-    with caplog.at_level(logging.INFO):
+    with capture_loggers(caplog, "ray.train.v2._internal.execution.preemption"):
         logging.getLogger("ray.train.v2._internal.execution.preemption").warning("PreemptionWatcher poll failed")
     assert [r.getMessage() for r in caplog.records] == ["PreemptionWatcher poll failed"]
 
@@ -95,6 +98,25 @@ def test_connect_ray_attaches_only_when_told_where(monkeypatch):
     with pytest.raises(ValueError, match="use init_local_ray"):
         ray_setup.attach_ray("local")  # refused before Ray is touched
     assert not ray.is_initialized()
+
+
+def test_private_local_ray_is_the_one_this_process_started_not_a_later_cluster(monkeypatch):
+    """A process that started a private local Ray, shut it down and attached to a cluster (a
+    notebook; an xdist worker running test_caption_cluster after a local-Ray test) is on a
+    cluster: its caption job must size its pool by the cluster's rule, not the local one."""
+    import types
+
+    import ray
+
+    gcs = {"address": "127.0.0.1:41001"}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address=gcs["address"]))
+    monkeypatch.setattr(ray_setup, "_PRIVATE_RAY_GCS", None)
+    assert not ray_setup.is_private_local_ray()  # attached, never started one
+    monkeypatch.setattr(ray_setup, "_PRIVATE_RAY_GCS", "127.0.0.1:41001")
+    assert ray_setup.is_private_local_ray()  # the one init_local_ray started
+    gcs["address"] = "127.0.0.1:52002"
+    assert not ray_setup.is_private_local_ray()  # a cluster attached to later
 
 
 def test_importing_alip_ray_setup_changes_no_logging():
