@@ -44,13 +44,20 @@ def pytest_configure(config):
         os.environ["RAY_TMPDIR"] = ray_tmp
 
 
-#: Seconds each long file took on one of two xdist workers (make test, 2026-12-07, 2-core box): only
-#: the order the files are handed out in (longest first, so no long file starts last). A stale
-#: figure costs balance, never correctness; files not named here count 20 s per slow test.
+#: Seconds each file took (>= 10 s) on one of two xdist workers: junit times of a fresh-clone
+#: `make test` run alone, 2026-12-07, 2-core box. Only the order the files are handed out in
+#: (longest first, so no long file starts last); a stale figure costs balance, never correctness.
+#: Files not named here count 20 s per slow test, 0.1 s per other test.
 FILE_SECONDS = {
-    "test_pretrain_elastic.py": 400, "test_caption_cluster.py": 380, "test_readme_commands.py": 350,
-    "test_pretrain_job.py": 330, "test_chaos_caption.py": 310, "test_demo_console.py": 165,
-    "test_bench_caption.py": 100, "test_caption_job_resume.py": 70,
+    "test_readme_commands.py": 546, "test_pretrain_elastic.py": 461, "test_pretrain_job.py": 386,
+    "test_chaos_caption.py": 332, "test_caption_cluster.py": 273, "test_demo_console.py": 151,
+    "test_serve_abuse.py": 94, "test_caption_manifest.py": 78, "test_caption_job_resume.py": 71,
+    "test_bench_caption.py": 65, "test_caption_job.py": 63, "test_serve_e2e.py": 45,
+    "test_bench_scale.py": 39, "test_explore_job.py": 37, "test_gpu_check.py": 34, "test_caption_pool.py": 28,
+    "test_distributed_equivalence.py": 26, "test_eval_e2e.py": 23, "test_captioners_ofa.py": 22,
+    "test_bench_learning.py": 20, "test_spot_watch.py": 20, "test_model.py": 18,
+    "test_pretrain_data_ray.py": 13, "test_working_tree.py": 12, "test_caption_lease.py": 12,
+    "test_scale_planning.py": 11,
 }
 
 

