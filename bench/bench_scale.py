@@ -44,8 +44,8 @@ Measured 2026-12-03 on the 2-core dev box, not alone (other sessions ran tests),
 3.0 s (main() validates twice: 4006 -> 2006 requests, no HEAD per shard), explore 111.2 -> 1.6 s,
 caption fresh 20.8 -> 4.0 s, caption resumed (10,000 of 20,000 units committed) 397.6 -> 31.6 s
 (40,070 -> 20,056 requests: one tail read per committed file, no HEAD); driver peak RSS 1011 ->
-1086, 1044 -> 1082, 236 -> 256, 190 -> 227 MB (thread pools: +20-120 MB, flat in N). The 10k and
-40k sizes are measured alone (README).
+1086, 1044 -> 1082, 236 -> 256, 190 -> 227 MB (thread pools: +20-120 MB, flat in N). The 1k, 10k
+and 40k sizes measured alone: docs/benchmarks.md.
 
 Simulator shortcuts (what moto does not do like S3, fixed here so that it does not dominate):
 moto lists a prefix by scanning and sorting every key of the bucket for every page of 1000
