@@ -1,6 +1,7 @@
 """alip.ray_setup: which Ray a command gets, and which Ray lines are silenced (the rest still show).
 
-Fast and Ray-free: the filters are plain logging/threading behaviour. Real Ray runs of these
+Fast and Ray-free in this process: the filters are plain logging/threading behaviour (one test
+starts real Rays in a child process, ~10 s). Real Ray runs of these
 settings: tests/test_readme_commands.py asserts on the console of the README's commands."""
 
 import logging
@@ -100,23 +101,27 @@ def test_connect_ray_attaches_only_when_told_where(monkeypatch):
     assert not ray.is_initialized()
 
 
-def test_private_local_ray_is_the_one_this_process_started_not_a_later_cluster(monkeypatch):
-    """A process that started a private local Ray, shut it down and attached to a cluster (a
-    notebook; an xdist worker running test_caption_cluster after a local-Ray test) is on a
-    cluster: its caption job must size its pool by the cluster's rule, not the local one."""
-    import types
-
-    import ray
-
-    gcs = {"address": "127.0.0.1:41001"}
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address=gcs["address"]))
-    monkeypatch.setattr(ray_setup, "_PRIVATE_RAY_GCS", None)
-    assert not ray_setup.is_private_local_ray()  # attached, never started one
-    monkeypatch.setattr(ray_setup, "_PRIVATE_RAY_GCS", "127.0.0.1:41001")
-    assert ray_setup.is_private_local_ray()  # the one init_local_ray started
-    gcs["address"] = "127.0.0.1:52002"
-    assert not ray_setup.is_private_local_ray()  # a cluster attached to later
+def test_private_local_ray_is_the_one_this_process_started_not_a_later_cluster():
+    """A process that started a private local Ray, shut it down and attached to another Ray (a
+    notebook; an xdist worker running test_caption_cluster after a local-Ray test) is on that other
+    Ray: its caption job must size its pool by the cluster's rule, not the local one. Real Rays, in
+    a child process (this one must stay Ray-free)."""
+    code = textwrap.dedent("""
+        import ray
+        from alip import ray_setup
+        assert not ray_setup.is_private_local_ray()
+        ray_setup.init_local_ray(num_cpus=1, log=lambda *a: None)
+        print("started", ray_setup.is_private_local_ray())
+        ray.shutdown()
+        print("after shutdown", ray_setup.is_private_local_ray())
+        ray.init(address="local", num_cpus=1, include_dashboard=False)  # another Ray, not ours
+        print("other", ray_setup.is_private_local_ray())
+        ray.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("started", "after", "other"))]
+    assert lines == ["started True", "after shutdown False", "other False"], out.stdout[-2000:]
 
 
 def test_importing_alip_ray_setup_changes_no_logging():
