@@ -257,6 +257,29 @@ def attribute(events: list[NodeEvent], restarts: list[Restart]) -> None:
             r.cause = f"resize {r.resize} (Ray Train)" if r.resize else "crash (no node event)"
 
 
+def restart_kind(cause: str) -> str:
+    """One word for what caused a restart: a notice, a loss, a grow (a node returned), or else."""
+    for kind in ("preemption", "node lost"):
+        if kind in cause:
+            return kind
+    if "node returned" in cause or cause.startswith("resize"):
+        return "grow (node returned)"
+    return cause
+
+
+def restart_summary(restarts: list[Restart]) -> dict[str, dict]:
+    """Per kind of restart: count, median and max seconds standing still, median steps redone."""
+    import statistics
+
+    out: dict[str, list[Restart]] = {}
+    for r in restarts:
+        if r.restart_s is not None:
+            out.setdefault(restart_kind(r.cause), []).append(r)
+    return {k: {"n": len(rs), "median_s": statistics.median(r.restart_s for r in rs),
+                "max_s": max(r.restart_s for r in rs), "median_redone": statistics.median(r.steps_lost for r in rs)}
+            for k, rs in out.items()}
+
+
 @dataclass
 class TimeSplit:
     """Where a run's wall time went, in seconds."""
@@ -550,7 +573,8 @@ def report(a, steps: int, step_s: float, clean: Job, chaos: Job, chaos_driver: C
     print("| run | steps kept | wall s | goodput |\n|---|---|---|---|")
     print(f"| clean (3 workers) | {steps} | {clean_wall:.0f} | {100 * clean_gp:.1f}% |")
     print(f"| chaos (2-3 workers, {len(chaos_driver.events)} node events) | {kept} | {chaos_wall:.0f} | {100 * chaos_gp:.1f}% |")
-    print(f"\nchaos / clean goodput: {100 * chaos_gp / clean_gp:.1f}% (goal >= 95%)")
+    goal = SCHEDULES.get(getattr(a, "schedule", ""), {}).get("goal")
+    print(f"\nchaos / clean goodput: {chaos_gp / clean_gp:.3f}" + (f" (goal >= {goal:.2f}, schedule {a.schedule})" if goal else ""))
 
     print("\n| event | t s | kind | node | step at event | restart | steps lost | restart s | event -> training s |"
           "\n|---|---|---|---|---|---|---|---|---|")
@@ -581,6 +605,14 @@ def report(a, steps: int, step_s: float, clean: Job, chaos: Job, chaos_driver: C
         print("| total | | | | " + str(sum(r.steps_lost for r in restarts)) + " | "
               + f"{sum(r.restart_s or 0 for r in restarts):.1f} | " + " | ".join(f"{totals[n]:.1f}" for n in names) + " |")
 
+    summary = restart_summary(restarts)
+    if summary:
+        print("\n| restarts caused by | n | median restart s | max restart s | goal s | median steps redone |\n|---|---|---|---|---|---|")
+        for cause, row in summary.items():
+            goal = RESTART_GOAL_S.get(cause)
+            print(f"| {cause} | {row['n']} | {row['median_s']:.1f} | {row['max_s']:.1f} | "
+                  f"{'<= %g' % goal if goal else '-'} | {row['median_redone']:g} |")
+
     (first,) = find_restarts(clean.lines, t0=clean.t0)[:1] or (None,)
     if first is not None and first.t_first_step is not None:
         names = {"detect + stop": "driver start (imports, attach, dataset check)"}
@@ -595,17 +627,34 @@ def report(a, steps: int, step_s: float, clean: Job, chaos: Job, chaos_driver: C
           + (", ".join(f"{w} workers {s:.3f}s/step ({n} steps)" for w, (s, n) in rates.items()) or "not enough steps"))
     print(f"\nextra wall time of the chaos run over the clean one: {chaos_wall - clean_wall:.0f}s")
     print(f"logs: {clean.log_path}, {chaos.log_path}")
-    return {"clean_goodput": clean_gp, "chaos_goodput": chaos_gp, "ratio": chaos_gp / clean_gp,
+    return {"clean_goodput": clean_gp, "chaos_goodput": chaos_gp, "ratio": chaos_gp / clean_gp, "by_cause": summary,
             "step_s": step_s, "restarts": restarts, "events": chaos_driver.events,
             "clean_split": clean_split, "chaos_split": chaos_split, "step_time_by_workers": rates}
 
 
+# Two event rates (issue 23). Published GPU spot traces show ~0.06-0.6 preemptions per node-hour;
+# "realistic" is 2 events per node-hour on the 3 worker nodes (the harsh end), with AWS's two-minute
+# notice; "stress" is an event every 2 minutes with a 30 s notice. Goals: chaos/clean goodput
+# >= 0.90 (realistic), >= 0.60 (stress).
+SCHEDULES = {
+    "stress": {"about": "an event every 120 s, a 30 s notice, 4 min of training (~15 min in all)",
+               "minutes": 4.0, "event_every_s": 120.0, "return_after_s": 60.0, "deadline_s": 30.0, "goal": 0.60},
+    "realistic": {"about": "an event every 600 s (2 per node-hour on 3 nodes), AWS's 120 s notice, "
+                           "30 min of training (~70 min in all)",
+                  "minutes": 30.0, "event_every_s": 600.0, "return_after_s": 60.0, "deadline_s": 120.0, "goal": 0.90},
+}
+# Restart goals (issue 23), from the last step before to the first step after.
+RESTART_GOAL_S = {"preemption": 20.0, "node lost": 35.0}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=4.0, help="minutes of clean 3-worker training the runs are sized for (the chaos run takes several times longer)")
-    p.add_argument("--event-every-s", type=float, default=120.0, help="seconds between node events")
-    p.add_argument("--return-after-s", type=float, default=60.0, help="seconds from a removal until a fresh node joins")
-    p.add_argument("--deadline-s", type=float, default=30.0, help="deadline of a preemption notice (s)")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="stress",
+                   help="event schedule preset: " + "; ".join(f"{k}: {v['about']}" for k, v in SCHEDULES.items()))
+    p.add_argument("--minutes", type=float, default=None, help="minutes of clean 3-worker training the runs are sized for (default: the schedule's)")
+    p.add_argument("--event-every-s", type=float, default=None, help="seconds between node events (default: the schedule's)")
+    p.add_argument("--return-after-s", type=float, default=None, help="seconds from a removal until a fresh node joins (default: the schedule's)")
+    p.add_argument("--deadline-s", type=float, default=None, help="deadline of a preemption notice (s) (default: the schedule's)")
     p.add_argument("--steps", type=int, default=None, help="steps of the clean and chaos runs (default: from a calibration run and --minutes)")
     p.add_argument("--global-batch-size", type=int, default=24)
     p.add_argument("--max-failures", type=int, default=100,
@@ -618,6 +667,9 @@ def main(argv=None):
                    help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the job (default: left unset, Ray's 60 s)")
     p.add_argument("--rows", type=int, default=2400, help="rows of the synthetic captioned dataset")
     a = p.parse_args(argv)
+    for name, value in SCHEDULES[a.schedule].items():
+        if name not in ("about", "goal") and getattr(a, name) is None:
+            setattr(a, name, value)
     if a.minutes <= 0 or a.event_every_s <= 0 or a.return_after_s < 0 or a.deadline_s <= 0:
         p.error("--minutes, --event-every-s and --deadline-s must be > 0, --return-after-s >= 0")
     if a.return_after_s + a.deadline_s >= a.event_every_s:

@@ -176,6 +176,14 @@ def test_steps_kept_demands_every_step_exactly_once(tmp_path):
     assert bc.metrics_steps(tmp_path / "absent.jsonl") == []
 
 
+def test_schedules_fill_what_the_flags_leave_unset():
+    assert bc.SCHEDULES["realistic"]["event_every_s"] == 600 and bc.SCHEDULES["stress"]["event_every_s"] == 120
+    for sched in bc.SCHEDULES.values():  # every preset passes the CLI's own overlap check
+        assert sched["return_after_s"] + sched["deadline_s"] < sched["event_every_s"]
+    assert bc.restart_kind("node lost + node returned") == "node lost"
+    assert bc.restart_kind("resize 2 -> 3 (Ray Train)") == "grow (node returned)"
+
+
 def test_cli_rejects_an_event_schedule_that_overlaps_before_starting_ray():
     proc = subprocess.run([sys.executable, "bench/bench_chaos.py", "--event-every-s", "30", "--return-after-s", "20",
                            "--deadline-s", "15"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -199,12 +207,16 @@ def test_the_report_prints_goodput_events_and_the_split(tmp_path, capsys):
                             steps=lambda: bc.step_marks(chaos_lines))
     driver = SimpleNamespace(events=[bc.NodeEvent(21.5, "node lost", "aaaa", 12),
                                      bc.NodeEvent(70.0, "node returned", "bbbb", 21)])
-    args = SimpleNamespace(global_batch_size=24)
+    args = SimpleNamespace(global_batch_size=24, schedule="stress")
     out = bc.report(args, N, 1.0, clean, chaos, driver, tmp_path)
     text = capsys.readouterr().out
     assert out["clean_goodput"] == pytest.approx(40 / 54) and out["chaos_goodput"] == pytest.approx(40 / 108)
     assert out["ratio"] == pytest.approx(0.5)
-    assert "chaos / clean goodput: 50.0% (goal >= 95%)" in text
+    assert "chaos / clean goodput: 0.500 (goal >= 0.60, schedule stress)" in text
+    # Per kind of restart, with the goals: a loss <= 35 s, a grow has none.
+    assert "| node lost | 1 | 37.0 | 37.0 | <= 35 | 2 |" in text
+    assert "| grow (node returned) | 1 | 11.2 | 11.2 | - | 5 |" in text
+    assert out["by_cause"]["node lost"]["median_s"] == pytest.approx(37.0)
     assert "| 1 | 22 | node lost | aaaa | 12 | #1 | 2 | 37.0 | 36.5 |" in text
     assert "| #2 | node returned | 20 | 3 | 5 | 11.2 |" in text
     assert "clean run start-up, 10.0s: driver start (imports, attach, dataset check) 5.0s" in text

@@ -65,7 +65,7 @@ def captioned(tmp_path_factory):
 
 def elastic_args(data, storage, run, steps, *extra):
     return small_args(data, storage, run, "--num-workers", "2-3", "--max-steps", str(steps),
-                      "--elastic-resize-interval-s", "3", "--preemption-check-every", "1",
+                      "--elastic-resize-interval-s", "3", "--min-node-uptime-s", "5", "--preemption-check-every", "1",
                       "--eval-samples", "0", "--no-export", *extra)
 
 
@@ -102,6 +102,11 @@ def test_node_loss_shrinks_then_a_returning_node_is_used_again(cluster, captione
     events = resumes(text)
     assert [w for _, w in events][:2] == [2, 3], events  # shrink, then grow
     assert events[0][0] % 4 == 0 and registered <= events[0][0] <= lost_at
+    # The grow waited for a checkpoint written for it (alip.pretrain.elastic's join rule): the
+    # larger group resumed from it or a later one, so a grow redoes only the handshake's seconds.
+    grow_at = [int(x.split(" for the group to grow")[0].rsplit(" ", 1)[1])
+               for x in text.split("[pretrain] checkpoint at step")[1:]]
+    assert grow_at and events[1][0] >= grow_at[-1], (events, grow_at)
     # Same global batch after every resize: the schedule and every step's samples are unchanged.
     assert metric_steps(metrics) == list(range(1, steps + 1))
     records = [json.loads(x) for x in metrics.read_text().splitlines()]

@@ -59,7 +59,8 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 3  # real failures (crashes) tolerated; preemptions do not count (unlimited)
     preemption_check_every: int = 5  # steps between get_preemption_info() polls (a barrier of all ranks)
-    elastic_resize_interval_s: float = 60.0  # how often Ray Train considers growing an elastic group
+    elastic_resize_interval_s: float = 10.0  # how often Ray Train looks for room to grow an elastic group
+    min_node_uptime_s: float = 30.0  # a joining node is used for growth once it has been up this long
     log_every: int = 10
     shuffle_buffer_mb: float = 256.0  # per worker local shuffle buffer, bounded in bytes (0 = off)
     eval_samples: int = 300  # per built-in world zero-shot task at the end (0 = skip)
@@ -99,6 +100,8 @@ class PretrainConfig:
             )
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        if self.min_node_uptime_s < 0 or self.elastic_resize_interval_s <= 0:
+            raise ValueError("min_node_uptime_s must be >= 0 and elastic_resize_interval_s > 0")
         if self.preemption_check_every < 1:
             raise ValueError("preemption_check_every must be >= 1")
         if self.shuffle_buffer_mb < 0:

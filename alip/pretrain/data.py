@@ -188,6 +188,33 @@ def resize_crop(pixels: np.ndarray, box: CropBox, size: int, flip: bool = False)
     return (out.flip(-1) if flip else out).numpy()
 
 
+def open_clip_tokenize():
+    """open_clip's `tokenize` (its BPE tokenizer, `open_clip/tokenizer.py`), without importing the
+    open_clip package: `import open_clip` pulls in every model, timm and huggingface_hub (~5 s and
+    ~250 MB more than torch on this box), in every read task's process, after every group restart.
+    The module has no relative imports, so it is loaded from its file as it is; when open_clip is
+    already imported in this process its own module is used."""
+    import importlib.util
+    import sys
+
+    name = "alip._open_clip_tokenizer"
+    module = sys.modules.get("open_clip.tokenizer") or sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.find_spec("open_clip")  # the package's location; nothing is executed
+        if spec is None or not spec.origin:
+            raise ImportError("open_clip is not installed (pip install open_clip_torch)")
+        path = os.path.join(os.path.dirname(spec.origin), "tokenizer.py")
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module.tokenize
+
+
 class TrainPreprocessor:
     """Callable for `Dataset.map_batches` (or plain use): captioned rows -> uint8 images + tokens.
 
@@ -201,8 +228,6 @@ class TrainPreprocessor:
     def __init__(self, image_size: int, context_length: int, train: bool = True, seed: int = 0,
                  epoch: int | None = None, augment: AugmentConfig = AugmentConfig(),
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        import open_clip
-
         self.image_size = image_size
         self.context_length = context_length
         self.train = train
@@ -210,7 +235,8 @@ class TrainPreprocessor:
         self.epoch = epoch
         self.augment = augment
         self.max_pixels = max_pixels
-        self._tokenize = lambda texts: open_clip.tokenize(texts, context_length=context_length)
+        tokenize = open_clip_tokenize()
+        self._tokenize = lambda texts: tokenize(texts, context_length=context_length)
         self._batches = 0  # stands in for the epoch when none is given (see module docstring)
 
     def _chooser(self, key: str, epoch: int) -> CropChooser:

@@ -31,7 +31,6 @@ Re-running the same command (same run name and storage path) resumes the same wa
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -44,20 +43,17 @@ import torch
 
 from alip.cluster_fit import DATA_TASKS_PER_TRAIN_WORKER
 from alip.data.dataset import iter_footers, list_shard_sizes
-from alip.data.schema import CAPTION, IMAGE, KEY, RAW_TEXT
+from alip.data.schema import CAPTION, IMAGE
 from alip.data.storage import join, resolve
 from alip.model import create_model, export_open_clip, model_config
 from alip.pretrain.config import PretrainConfig
 from alip.pretrain.metrics import MetricsLog, plot_history, read_history
-from alip.pretrain.stream import (
-    ReadUnit, batch_shares, n_rank_items, rank_positions, read_positions, steps_per_item, total_steps,
-    units_of_shard,
-)
+from alip.pretrain.decode import READ_COLUMNS, read_and_decode
+from alip.pretrain.stream import ReadUnit, batch_shares, n_rank_items, total_steps, units_of_shard
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
 TRAINER_FILE = "trainer.pt"
 POSITION_FILE = "position.json"
-READ_COLUMNS = [KEY, IMAGE, RAW_TEXT, CAPTION]
 # Read-ahead of one rank, in read items (alip.pretrain.stream.rank_items: whole steps of its
 # slice, at least MIN_ITEM_ROWS rows): READ_AHEAD_ITEMS decode tasks run ahead of the item being
 # trained (alip.pretrain.rank_reader), as many as alip.cluster_fit makes room for next to each
@@ -131,43 +127,6 @@ def validate(cfg: PretrainConfig) -> tuple[list[ReadUnit], int, int]:
 
 
 # ----------------------------------------------------------------------------- data path
-
-@functools.lru_cache(maxsize=4)
-def _preprocessor(image_size: int, context_length: int, seed: int):
-    from alip.pretrain.data import TrainPreprocessor
-
-    return TrainPreprocessor(image_size, context_length, train=True, seed=seed)
-
-
-def read_and_decode(item: int, first_step: int, end_step: int, units: list[ReadUnit], seed: int,
-                    global_batch_size: int, world_size: int, rank: int, shuffle_window: int, image_size: int,
-                    context_length: int) -> dict:
-    """One read item of rank `rank` (its index in `rank_items(first_step, end_step, share)`): the
-    rank's rows of the item's steps, read, decoded, augmented and tokenised, exactly `share` rows
-    per step in step order (a Ray task of alip.pretrain.rank_reader). A row that cannot be decoded
-    is skipped with a warning (alip.pretrain.data) and its step is filled up by repeating that
-    step's other rows, so every step still has its share: the ranks' batch shares are fixed by the
-    config (the loss gathers them without a size exchange)."""
-    share = batch_shares(global_batch_size, world_size)[rank]
-    per_item = steps_per_item(share)
-    first = first_step + int(item) * per_item
-    n_steps = min(per_item, end_step - first)
-    positions = rank_positions(first, n_steps, global_batch_size, world_size, rank)
-    table = read_positions(units, seed, positions, READ_COLUMNS, shuffle_window)
-    prep = _preprocessor(image_size, context_length, seed)
-    out: dict[str, list] = {}
-    for i in range(n_steps):
-        rows = table.slice(i * share, share)
-        step = prep({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names})
-        got = len(step["image"])
-        if got == 0:
-            raise RuntimeError(f"no row of rank {rank}'s share of step {first + i} could be decoded")
-        if got < share:  # deterministic fill: the same rows whoever decodes them
-            step = {k: v[np.arange(share) % got] for k, v in step.items()}
-        for k, v in step.items():
-            out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in out.items()}
-
 
 def rank_batches(cfg: PretrainConfig, units: list[ReadUnit], rows: int, rank: int, world_size: int,
                  first_step: int, end_step: int, device="cpu", read_ahead: int = READ_AHEAD_ITEMS):
@@ -279,12 +238,13 @@ def train_loop_per_worker(config: dict) -> None:
     metrics_log = MetricsLog(run_uri, steps, cfg.log_every, trainer.step, position.get("metrics_offset")) \
         if rank == 0 else None
 
-    def checkpoint_and_report(metrics: dict, reason: str) -> None:
+    def checkpoint_and_report(metrics: dict, reason: str, upload=CheckpointUploadMode.ASYNC) -> None:
         """Rank 0 writes the checkpoint; every rank reports (Ray Train's report is collective).
-        ASYNC upload: training continues while the files go to storage."""
+        ASYNC upload: training continues while the files go to storage (SYNC: report returns once
+        they are there)."""
         if rank != 0:
             ray.train.report({"step": trainer.step, "reason": reason}, checkpoint=None,
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+                             checkpoint_upload_mode=upload)
             return
         offset = metrics_log.commit(trainer.step)
         tmp = tempfile.mkdtemp(prefix="alip-ckpt-")  # deleted by Ray once uploaded
@@ -293,13 +253,15 @@ def train_loop_per_worker(config: dict) -> None:
             {"step": trainer.step, "samples": trainer.step * G, "global_batch_size": G,
              "epoch": trainer.step * G // config["rows"], "num_workers": world, "metrics_offset": offset}))
         ray.train.report({"step": trainer.step, "reason": reason, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+                         checkpoint_upload_mode=upload)
 
     # This rank's own stream from the restored step: its slice of every remaining global batch.
     if rank == 0 and trainer.step < steps:
         print(f"[pretrain] data stream starts at step {trainer.step}, global sample {trainer.step * G} "
               f"(epoch {trainer.step * G // config['rows']})", flush=True)
     batches = rank_batches(cfg, config["units"], config["rows"], rank, world, trainer.step, steps, device)
+    # An elastic group grows at a checkpoint boundary: the policy asks, rank 0 answers with a checkpoint.
+    grow = _GrowBoundary(cfg.run_name, rank, world, device) if cfg.elastic else None
     notice_seen = None  # the preemption notice a just-in-time checkpoint was already written for
     last_call = None  # the notice's last-moment checkpoint, once written
     timer = _StepTimer()
@@ -325,6 +287,15 @@ def train_loop_per_worker(config: dict) -> None:
                 with timer.checkpoint():
                     checkpoint_and_report(_host(last_metrics), "preemption")
                 continue
+            if grow is not None and notice_seen is None and trainer.step < steps and grow.asked():
+                # Room for more workers: checkpoint now (uploaded before report returns), say so, and
+                # train on until Ray Train restarts the group larger from this step.
+                if rank == 0:
+                    print(f"[pretrain] checkpoint at step {trainer.step} for the group to grow", flush=True)
+                with timer.checkpoint():
+                    checkpoint_and_report(_host(last_metrics), "grow", upload=CheckpointUploadMode.SYNC)
+                grow.answer(trainer.step)
+                continue
         if notice_seen is not None and last_call is None and trainer.step < steps \
                 and _last_moment(notice_seen, timer, rank, world, device):
             # Training went on after the notice; just before the deadline, keep those steps too.
@@ -341,6 +312,40 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"the data stream ended at step {trainer.step} of {steps}")
     if metrics_log is not None:
         metrics_log.close()
+
+
+class _GrowBoundary:
+    """Rank 0's side of alip.pretrain.elastic.GrowHandshake: at each preemption check, has the
+    policy asked for a checkpoint to grow on (a request not answered yet)? Rank 0 reads the KV and
+    broadcasts the answer so that every rank reports together."""
+
+    def __init__(self, run_name: str, rank: int, world: int, device):
+        from alip.pretrain.elastic import GrowHandshake
+
+        self.handshake = GrowHandshake(run_name) if rank == 0 else None
+        self.rank, self.world, self.device = rank, world, device
+        self._answered = None  # the request ("at") already answered
+
+    def asked(self) -> bool:
+        wanted = False
+        if self.handshake is not None:
+            try:
+                request = self.handshake.wanted()
+            except Exception:  # the KV unreachable: the policy grows without the boundary
+                request = None
+            wanted = request is not None and request.get("at") != self._answered
+            if wanted:
+                self._answered = request.get("at")
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return wanted
+        flag = torch.tensor([1 if wanted else 0], dtype=torch.int32, device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def answer(self, step: int) -> None:
+        if self.handshake is not None:
+            with contextlib.suppress(Exception):
+                self.handshake.ready(step)
 
 
 class _StepTimer:
@@ -367,7 +372,7 @@ class _StepTimer:
         self.ckpt_s = self._ema(self.ckpt_s, time.perf_counter() - t)
 
 
-def registration_margin_s() -> float:
+def registration_margin_s(polls: int = 2) -> float:
     """Seconds a reported checkpoint needs, after its upload, before Ray Train has taken it in.
     The controller collects reports when it polls the workers, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
     (2 s) apart, and at a preemption deadline it tears the group down at once: a checkpoint
@@ -375,7 +380,7 @@ def registration_margin_s() -> float:
     the files were in storage, the run resumed 33 steps earlier.) Two polls and a second of slack."""
     from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
 
-    return 2 * float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S)) + 1.0
+    return polls * float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S)) + 1.0
 
 
 def last_checkpoint_due(left_s: float, step_s: float, checkpoint_s: float | None, margin_s: float) -> bool:
@@ -458,10 +463,35 @@ def run_training(cfg: PretrainConfig, plan: tuple[list[ReadUnit], int, int] | No
         run_config=run_config,
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with _elastic_policy(cfg):
+        result = trainer.fit()
     summary = {"run_name": cfg.run_name, "objective": cfg.train.objective, "model": cfg.train.model,
                "total_steps": steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     return result, summary
+
+
+# Ray Train waits this long for a new group's placement group (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+# read by its controller: ray/train/v2/_internal/execution/worker_group/worker_group.py, only around
+# `pg_handle.wait`). Ray's default, 60 s, is sized for an autoscaler launching nodes; an elastic
+# group asks only for what its fresh view (alip.pretrain.elastic) says is there, so placement takes
+# well under a second and a longer wait only means a node died during the start: failing after
+# 15 s and deciding again with a fresh view is the faster way out. Set the variable to override.
+ELASTIC_GROUP_START_TIMEOUT_S = "15"
+
+
+@contextlib.contextmanager
+def _elastic_policy(cfg: PretrainConfig):
+    """An elastic run fits with alip.pretrain.elastic's policy (true view, join rule) and a short
+    group start timeout; a fixed-size run with Ray Train's own."""
+    if not cfg.elastic:
+        yield
+        return
+    from alip.pretrain.elastic import fresh_view_elastic_policy
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_GROUP_START_TIMEOUT_S)
+    # The grow checkpoint is uploaded (SYNC) before rank 0 answers: one controller poll takes it in.
+    with fresh_view_elastic_policy(cfg.run_name, cfg.min_node_uptime_s, registration_margin_s(polls=1)):
+        yield
 
 
 def _extra_worker_resources() -> dict:
