@@ -236,6 +236,23 @@ def quiet_ray() -> None:
 # changes: the cap on worker processes stays.
 RAYLET_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "10000"}
 
+# How fast a dead node is noticed, set on the cluster's `ray start` lines (cluster.yaml; read by the
+# GCS on the head; tests/test_cluster_yaml.py checks them). Ray's defaults (a health check every
+# 3 s, a 10 s timeout, dead after 5 misses) take 15 s for a node whose raylet refuses connections
+# and up to ~50 s for one that vanished silently (a terminated instance drops packets). Until then
+# Ray Train's poll of a worker there hangs and its survivors can sit in a collective. With
+# 1 s / 1 s / 5 misses: 5 s refused, ~10 s silent. The price: a node whose raylet cannot answer for
+# 5 s in a row (a network partition, a raylet stalled that long) is declared dead for good, its
+# workers killed, and the group restarts without it (one restart, seconds). Elastic restarts do
+# not wait for the GCS (alip.pretrain.elastic probes raylets itself); this bounds how long a node
+# that vanished keeps the old group from stopping. Not set for local Rays and the tests' simulated
+# clusters: on a 2-core box running the suite a raylet can stall for seconds, and a false death
+# there is a flaky test, not a real trade-off.
+GCS_HEALTH_CHECK_ENV = {"RAY_health_check_period_ms": "1000",
+                        "RAY_health_check_timeout_ms": "1000",
+                        "RAY_health_check_failure_threshold": "5"}
+
+
 
 def _runtime_env(runtime_env: dict | None) -> dict | None:
     env = dict(runtime_env or {})

@@ -139,6 +139,19 @@ def test_every_ray_start_sets_the_raylet_environment_local_runs_use(config):
             assert f"{name}={value}" in exported, (name, cmd)
 
 
+def test_the_head_notices_a_dead_node_within_seconds(config):
+    """alip.ray_setup.GCS_HEALTH_CHECK_ENV (its comment states the false-positive trade-off) is set
+    where the GCS reads it: the head's `ray start` line."""
+    from alip.ray_setup import GCS_HEALTH_CHECK_ENV
+
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    for name, value in GCS_HEALTH_CHECK_ENV.items():
+        assert f"{name}={value}" in head.split("ray start")[0], (name, head)
+    period, timeout, misses = (int(GCS_HEALTH_CHECK_ENV[f"RAY_health_check_{k}"])
+                               for k in ("period_ms", "timeout_ms", "failure_threshold"))
+    assert (period + timeout) * misses <= 10_000  # a silent node is dead within ~10 s
+
+
 def test_spot_watch_runs_in_the_background_on_every_worker(config):
     from alip.spot_watch import build_parser
 

@@ -57,3 +57,23 @@ def test_the_read_task_imports_neither_open_clip_nor_the_model():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["[]", "True"], out.stdout
+
+
+def test_a_local_copy_is_found_by_its_id_only_and_the_oldest_go(tmp_path, monkeypatch):
+    import os
+
+    from alip.pretrain.local_copy import LOCAL_COPY_DIR_ENV, find_local_copy, keep_local_copy
+
+    monkeypatch.setenv(LOCAL_COPY_DIR_ENV, str(tmp_path / "copies"))
+    ids = []
+    for i in range(3):
+        written = tmp_path / f"ckpt{i}" / "trainer.pt"
+        written.parent.mkdir()
+        written.write_bytes(b"state %d" % i)
+        ids.append(keep_local_copy("run", str(written), keep=2))
+        os.utime(written, ns=(i * 10**9, i * 10**9))  # distinct ages, oldest first
+        written.unlink()  # Ray deletes its temporary directory after the upload
+    assert find_local_copy("run", ids[0]) is None  # pruned: only the latest 2 are kept
+    assert open(find_local_copy("run", ids[2]), "rb").read() == b"state 2"  # the link outlived the original
+    assert find_local_copy("run", None) is None and find_local_copy("other-run", ids[2]) is None
+    assert find_local_copy("run", "0" * 32) is None  # a checkpoint written on another node

@@ -49,6 +49,7 @@ from alip.model import create_model, export_open_clip, model_config
 from alip.pretrain.config import PretrainConfig
 from alip.pretrain.metrics import MetricsLog, plot_history, read_history
 from alip.pretrain.decode import READ_COLUMNS, read_and_decode
+from alip.pretrain.local_copy import keep_local_copy
 from alip.pretrain.stream import ReadUnit, batch_shares, n_rank_items, total_steps, units_of_shard
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
@@ -183,14 +184,29 @@ def shuffle_window(cfg: PretrainConfig, rows: int) -> int:
 
 # ----------------------------------------------------------------------------- worker loop
 
-def _read_position(checkpoint) -> tuple[dict, str]:
-    with checkpoint.as_directory() as d:
-        path = Path(d) / POSITION_FILE
-        position = json.loads(path.read_text()) if path.exists() else {}
-        trainer_path = os.path.join(d, TRAINER_FILE)
-        tmp = tempfile.mkdtemp(prefix="alip-restore-")
-        shutil.copy(trainer_path, tmp)
-    return position, os.path.join(tmp, TRAINER_FILE)
+def _read_position(checkpoint) -> dict:
+    """position.json of a checkpoint, read alone (a few hundred bytes, even from S3)."""
+    path = f"{checkpoint.path.rstrip('/')}/{POSITION_FILE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return {}
+
+
+def _restore(trainer: ALIPTrainer, checkpoint, run_name: str) -> tuple[dict, str]:
+    """Load the checkpoint into `trainer`: from this node's local copy when rank 0 wrote it here
+    (alip.pretrain.local_copy), else from storage. Returns (position, where it came from)."""
+    from alip.pretrain.local_copy import find_local_copy
+
+    position = _read_position(checkpoint)
+    local = find_local_copy(run_name, position.get("checkpoint_id"))
+    if local is not None:
+        load_training_checkpoint(trainer, local)
+        return position, "this node's local copy"
+    with checkpoint.as_directory() as d:  # a local path as it is; from S3, a download
+        load_training_checkpoint(trainer, os.path.join(d, TRAINER_FILE))
+    return position, "storage"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -218,9 +234,9 @@ def train_loop_per_worker(config: dict) -> None:
     position: dict = {}
     restored = ray.train.get_checkpoint()
     if restored:
-        position, trainer_file = _read_position(restored)
-        load_training_checkpoint(trainer, trainer_file)
-        shutil.rmtree(os.path.dirname(trainer_file), ignore_errors=True)
+        t_restore = time.perf_counter()
+        position, source = _restore(trainer, restored, cfg.run_name)
+        restore_s = time.perf_counter() - t_restore
         if position and int(position.get("step", trainer.step)) != trainer.step:
             raise RuntimeError(f"checkpoint position.json says step {position.get('step')}, "
                                f"its trainer state says {trainer.step}")
@@ -230,7 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
                                f"{trainer.step}: it was written with another global batch size than {G}")
         if rank == 0:
             print(f"[pretrain] resumed from checkpoint at step {trainer.step}/{steps} "
-                  f"(gate state {trainer.gate_state.to_dict()}) with {world} worker(s)", flush=True)
+                  f"(gate state {trainer.gate_state.to_dict()}) with {world} worker(s); "
+                  f"read from {source} in {restore_s:.1f}s", flush=True)
     elif rank == 0:
         print(f"[pretrain] starting with {world} worker(s): rank shares {split_global_batch(G, world)} "
               f"of the global batch {G}", flush=True)
@@ -249,9 +266,13 @@ def train_loop_per_worker(config: dict) -> None:
         offset = metrics_log.commit(trainer.step)
         tmp = tempfile.mkdtemp(prefix="alip-ckpt-")  # deleted by Ray once uploaded
         save_training_checkpoint(trainer, os.path.join(tmp, TRAINER_FILE))
+        # A hard link on this node outlives Ray's deletion of `tmp`: a restart that places a rank
+        # here reads it from local disk instead of storage (alip.pretrain.local_copy).
+        checkpoint_id = keep_local_copy(cfg.run_name, os.path.join(tmp, TRAINER_FILE), cfg.keep_checkpoints)
         Path(tmp, POSITION_FILE).write_text(json.dumps(
             {"step": trainer.step, "samples": trainer.step * G, "global_batch_size": G,
-             "epoch": trainer.step * G // config["rows"], "num_workers": world, "metrics_offset": offset}))
+             "epoch": trainer.step * G // config["rows"], "num_workers": world, "metrics_offset": offset,
+             "checkpoint_id": checkpoint_id}))
         ray.train.report({"step": trainer.step, "reason": reason, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_upload_mode=upload)
 
@@ -477,6 +498,7 @@ def run_training(cfg: PretrainConfig, plan: tuple[list[ReadUnit], int, int] | No
 # well under a second and a longer wait only means a node died during the start: failing after
 # 15 s and deciding again with a fresh view is the faster way out. Set the variable to override.
 ELASTIC_GROUP_START_TIMEOUT_S = "15"
+ELASTIC_HEALTH_CHECK_INTERVAL_S = "1"
 
 
 @contextlib.contextmanager
@@ -489,6 +511,10 @@ def _elastic_policy(cfg: PretrainConfig):
     from alip.pretrain.elastic import fresh_view_elastic_policy
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_GROUP_START_TIMEOUT_S)
+    # Ray Train's controller polls its workers every 2 s by default: a failure is acted on, and a
+    # grow checkpoint taken in, up to one poll later. 1 s halves that for one tiny RPC per worker a
+    # second (Ray Train forwards the variable to its controller and workers).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", ELASTIC_HEALTH_CHECK_INTERVAL_S)
     # The grow checkpoint is uploaded (SYNC) before rank 0 answers: one controller poll takes it in.
     with fresh_view_elastic_policy(cfg.run_name, cfg.min_node_uptime_s, registration_margin_s(polls=1)):
         yield
