@@ -30,8 +30,8 @@ up to the moment it would start Ray (alip.ray_setup.connect_ray is replaced by a
   caption fresh   alip.captioning.job.run_captioning on an empty output: list, pin (etag listing),
                   plan every shard (footers), lease, manifest
   caption resumed the same command again after the first half of the units were committed (data +
-                  rejects files, correct row counts): manifest, pin, lease, verify_done (listing +
-                  footers of the committed outputs), manifest
+                  rejects files, correct row counts, the commit index parts): manifest, pin, lease,
+                  resume_state (listing; the commit index; footers of units it does not vouch for), manifest
 Each job's module imports happen before its clock starts (a fixed cost); its peak RSS (VmHWM) counts
 them (pretraining and explore import torch: ~1 GB before any data). The table gives seconds, driver
 peak RSS, requests by kind; then each figure's growth with N (per 10x shards) and a straight line
@@ -412,11 +412,17 @@ def area_of(bucket: str, key: str) -> str:
 
 def commit_half(bucket: str, proxy: LatencyProxy) -> tuple[int, int]:
     """Commit the first half of the units the caption job's manifest lists, as the job commits
-    them (rejects file, then data file; right row counts). Returns (committed, total) units."""
+    them (rejects file, then data file; right row counts), with the commit index parts the job's
+    driver writes meanwhile (one per CommitIndexWriter's flush_units units). Returns (committed,
+    total) units."""
+    from alip.captioning.commit_index import FLUSH_UNITS, _run_id, _table
+    from alip.data.dataset import parquet_body
+
     manifest = json.loads(_backend().get_object(bucket, "out/_caption_job.json").value)
     units = [u for entry in manifest["sources"].values() for u in entry["units"]]
     half = units[: len(units) // 2]
     templates: dict[int, tuple[bytes, bytes]] = {}
+    reports = []
     for u in half:
         rows = u["rows"]
         if rows not in templates:
@@ -426,6 +432,12 @@ def commit_half(bucket: str, proxy: LatencyProxy) -> tuple[int, int]:
                                 (f"out/{u['name']}.parquet", data, "data")):
             put_direct(bucket, key, body)
             proxy.templates[f"{bucket}/{key}"] = f"{kind}-{rows}"
+        reports.append(dict(unit=u["name"], captioned=rows - 1, rejected=1, data_bytes=len(data),
+                            rejects_bytes=len(rejects)))
+    per_part, run = FLUSH_UNITS, _run_id()
+    for n, start in enumerate(range(0, len(reports), per_part)):
+        put_direct(bucket, f"out/_index/{run}-{n:06d}.parquet",
+                   parquet_body(_table(reports[start:start + per_part])).to_pybytes())
     return len(half), len(units)
 
 
@@ -524,7 +536,7 @@ def _time_caption_steps() -> dict:
     start-up goes. Wraps the names job.py calls (module attributes and OutputLayout methods)."""
     import alip.captioning.job as job
     from alip.captioning.lease import OutputLease
-    from alip.captioning.plan import OutputLayout
+    from alip.captioning.output import OutputLayout
 
     steps: dict = defaultdict(float)
 
@@ -541,9 +553,9 @@ def _time_caption_steps() -> dict:
                 steps[name] += time.perf_counter() - t
         setattr(owner, name, wrapper)
 
-    for name in ("list_input", "shard_versions", "plan_shards", "pin_input"):
+    for name in ("list_input", "shard_versions", "plan_shards", "pin_input", "read_index", "compact"):
         timed(job, name)
-    for name in ("read_manifest", "write_manifest", "verify_done", "remove_stale_temp_files"):
+    for name in ("read_manifest", "write_manifest", "resume_state", "remove_stale_temp_files"):
         timed(OutputLayout, name)
     timed(OutputLease, "acquire")
     return steps

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alip.captioning.plan import OutputLayout, WorkUnit
+from alip.captioning.output import OutputLayout
+
+from alip.captioning.plan import WorkUnit
 from alip.captioning.unit import write_unit
 from alip.data.dataset import write_bytes, write_shard
 from alip.data.schema import REJECTS_SCHEMA
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 WRITER = r"""
 import signal, sys
 import numpy as np, pyarrow as pa
-from alip.captioning.plan import OutputLayout
+from alip.captioning.output import OutputLayout
 from alip.captioning.unit import write_unit
 from alip.data.schema import REJECTS_SCHEMA
 

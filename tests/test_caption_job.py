@@ -11,7 +11,9 @@ import time
 import pytest
 
 from alip.captioning import CaptionJobConfig, CaptionJobError, build_parser, run_captioning
-from alip.captioning.plan import MANIFEST, SUCCESS, OutputLayout, WorkUnit, plan_units, read_unit
+from alip.captioning.lease import OutputLease
+from alip.captioning.output import MANIFEST, SUCCESS, OutputLayout
+from alip.captioning.plan import WorkUnit, plan_units, read_unit
 from alip.captioning.unit import UnitSplitError, decode_unit, output_tables, split_units
 from alip.data.dataset import read_json, read_shard, write_shard
 from alip.data.world import world_table
@@ -97,6 +99,10 @@ def test_prepare_unit_ships_model_inputs_not_pixels_and_finish_commits(tmp_path,
                       {3: "captioner failed 3 time(s) on this image: caption worker crashed"}, cap.name)
     assert (row["rows"], row["captioned"], row["rejected"]) == (12, 7, 5)
     assert row["reject_reasons"]["captioner failed 3 time(s) on this image"] == 1
+    # The file sizes the commit index keeps are the ones a listing gives.
+    assert (row["data_bytes"], row["rejects_bytes"]) == (
+        (tmp_path / "out" / f"{unit.name}.parquet").stat().st_size,
+        (tmp_path / "out" / "_rejects" / f"{unit.name}.parquet").stat().st_size)
     data = read_shard(str(tmp_path / "out" / f"{unit.name}.parquet"))
     assert data.column("key").to_pylist() == good[:3] + good[4:]
     assert data.column("caption").to_pylist() == captions[:3] + captions[4:]
@@ -265,7 +271,28 @@ def test_corrupt_images_rejected_rest_captioned_and_rerun_is_noop(tmp_path, capt
 
     # Rerun: everything is skipped as done, the captioner is never called, output unchanged.
     monkeypatch.setenv("ALIP_CAPTION_CALL_LOG", str(tmp_path / "log2"))
-    again = run_captioning(cfg)
+    layout = OutputLayout(str(tmp_path / "out"))
+    version = layout.manifest_version()
+    reads = []
+    real_read = OutputLayout.read_manifest
+    monkeypatch.setattr(OutputLayout, "read_manifest", lambda self: reads.append(1) or real_read(self))
+    said: list[str] = []
+    again = run_captioning(cfg, log=said.append)
+    # The commit index the first run wrote vouches for every unit: no footer is read. The
+    # manifest is read once and, nothing being new, not rewritten.
+    assert "[caption] 6 committed unit(s) found: 6 vouched for by the commit index, 0 verified by their footers" in said
+    assert len(reads) == 1 and layout.manifest_version() == version
+    # Another run rewrites the manifest between this run's read and its lease: read again.
+    real_enter = OutputLease.__enter__
+
+    def rewritten_meanwhile(lease):
+        layout.write_manifest(real_read(layout))
+        return real_enter(lease)
+
+    monkeypatch.setattr(OutputLease, "__enter__", rewritten_meanwhile)
+    reads.clear()
+    assert run_captioning(cfg)["units_skipped_as_done"] == 6
+    assert len(reads) == 2
     assert (again["units_skipped_as_done"], again["rows_skipped_as_done"], again["rows_captioned"]) == (6, 120, 0)
     assert read_call_log(tmp_path / "log2") == {}
     assert_exactly_once(str(tmp_path / "out"), keys, bad)

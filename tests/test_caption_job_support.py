@@ -12,7 +12,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alip.captioning.plan import REJECTS_DIR
+from alip.captioning.output import REJECTS_DIR
 from alip.data.dataset import list_shards, read_shard, write_shard
 from alip.data.storage import resolve
 from alip.data.world import COLOURS, POSITIONS, SHAPES, SIZES, world_table

@@ -15,7 +15,7 @@ import pytest
 
 from alip.captioning.config import CaptionJobError
 from alip.captioning.lease import LEASE, LeaseHeldError, LeaseLostError, OutputLease
-from alip.captioning.plan import check_output_reachable
+from alip.captioning.output import check_output_reachable
 from alip.data.storage import Location, resolve
 
 

@@ -21,7 +21,8 @@ import pytest
 from alip.captioning import CaptionJobConfig, CaptionJobError, run_captioning
 from alip.captioning.lease import LEASE
 from alip.captioning.manifest import InputChangedError, pin_input
-from alip.captioning.plan import MANIFEST, OutputLayout, plan_shards, plan_units, read_unit
+from alip.captioning.output import MANIFEST, OutputLayout
+from alip.captioning.plan import plan_shards, plan_units, read_unit
 from alip.data.dataset import list_shards, read_json, read_shard, shard_versions, write_bytes, write_shard
 from alip.data.storage import resolve
 from alip.data.world import world_table

@@ -13,7 +13,8 @@ import pytest
 
 import alip.captioning.plan as plan
 from alip.captioning.config import CaptionJobError
-from alip.captioning.plan import OutputLayout, WorkUnit, plan_shards
+from alip.captioning.output import OutputLayout
+from alip.captioning.plan import WorkUnit, plan_shards
 from alip.captioning.stages import write_unit
 from alip.data.dataset import io_map, iter_footers, list_shard_sizes, list_shards, write_bytes, write_shard
 from alip.data.schema import REJECTS_SCHEMA

@@ -7,24 +7,19 @@ Command line: ``alip caption ...`` / ``python ray_jobs/caption.py ...`` -> :func
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
 import typing
 from collections.abc import Callable
 
+from alip.captioning.commit_index import CommitIndexWriter, compact, read_index
 from alip.captioning.config import CaptionJobConfig
 from alip.captioning.lease import OutputLease
 from alip.captioning.manifest import PinnedInput, pin_input
-from alip.captioning.plan import (
-    SUCCESS,
-    SUMMARY,
-    OutputLayout,
-    WorkUnit,
-    check_output_reachable,
-    list_input,
-    plan_shards,
-)
+from alip.captioning.output import SUCCESS, SUMMARY, OutputLayout, check_output_reachable
+from alip.captioning.plan import WorkUnit, list_input, plan_shards
 from alip.captioners import CaptionerConfig, captioner_id
 from alip.data.dataset import shard_versions, write_bytes, write_json
 from alip.data.storage import resolve
@@ -67,15 +62,17 @@ def run_captioning(cfg: CaptionJobConfig, log: Callable[[str], None] | None = pr
 
     # Every check that can fail (input changed, other job's output, bad shards) runs before the
     # output folder is touched; the lease then makes this run the folder's only writer.
+    version = layout.manifest_version()  # before the read: a rewrite in between is seen below
     existing = layout.read_manifest()
     pinned = pin(existing)
     with OutputLease(layout.root, log=log) as lease:
         if cfg.overwrite:
             log(f"[caption] --overwrite: removed {layout.clear()} file(s) of an earlier run")
-        elif layout.read_manifest() != existing:  # another run changed it between our read and the lease
+        elif layout.manifest_version() != version:  # another run rewrote it between our read and the lease
             existing = layout.read_manifest()
             pinned = pin(existing)
-        layout.write_manifest(pinned.manifest)
+        if cfg.overwrite or pinned.manifest != existing:  # a resume with nothing new rewrites nothing
+            layout.write_manifest(pinned.manifest)
         return _caption_pending(cfg, captioner, layout, pinned, existing is not None and not cfg.overwrite,
                                 lease, log, t_start)
 
@@ -85,7 +82,15 @@ def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: 
     """The part of :func:`run_captioning` that runs holding the output's lease."""
     units = pinned.units
     stale = layout.remove_stale_temp_files()
-    verified, bad = layout.verify_done(units)
+    entries, index_parts = read_index(layout.index, log) if resumed else ({}, [])
+    state = layout.resume_state(units, entries)
+    verified, bad = state.done, state.bad
+    if resumed and verified:
+        log(f"[caption] {len(verified)} committed unit(s) found: {state.trusted} vouched for by the commit index, "
+            f"{len(verified) - state.trusted} verified by their footers")
+    compact(layout.index, index_parts, verified, entries, state.data_sizes, state.rejects_sizes)
+    del entries
+    index = CommitIndexWriter(layout.index)
     if bad:
         shown = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items())[:5])
         log(f"[caption] {len(bad)} committed unit output(s) failed verification and will be redone ({shown}"
@@ -107,6 +112,7 @@ def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: 
 
     def on_unit(row: dict) -> None:
         lease.check()  # stop if another run took the output over (this run stalled too long)
+        index.add(row)
         for k in ("rows", "captioned", "rejected"):
             totals[k] += row[k]
         totals["units"] += 1
@@ -135,7 +141,13 @@ def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: 
                 f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs (--max-actors, --cpus-per-actor, "
                 "--torch-threads override)")
         t_pipeline = time.perf_counter()
-        events = run_pipeline(sized, captioner, pending, on_unit, say=log, private_ray=private)
+        try:
+            events = run_pipeline(sized, captioner, pending, on_unit, say=log, private_ray=private)
+        except BaseException:
+            with contextlib.suppress(Exception):  # what this run committed: the resume reads fewer footers
+                index.flush()
+            raise
+        index.flush()
     pipeline_s = time.perf_counter() - t_pipeline
     layout.remove_stale_temp_files()
     missing = sorted({u.name for u in units} - layout.done_units())

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from alip.captioning.config import CaptionJobError
-from alip.captioning.plan import WorkUnit, check_same_job, check_unique_names
+from alip.captioning.output import check_same_job
+from alip.captioning.plan import WorkUnit, check_unique_names
 
 MANIFEST_VERSION = 2
 #: Manifest fields that identify the job: a different value is a different job.

@@ -21,7 +21,8 @@ import pyarrow as pa
 from PIL import Image
 
 from alip.captioners import CaptionerConfig, CaptionerError, Preparer, load_preparer
-from alip.captioning.plan import OutputLayout, WorkUnit, read_unit
+from alip.captioning.output import OutputLayout
+from alip.captioning.plan import WorkUnit, read_unit
 from alip.captioning.unit import REJECT, UNIT, UNIT_ROWS, output_tables, write_unit
 from alip.data.images import ImageDecodeError, decode_image
 from alip.data.schema import IMAGE, KEY
@@ -159,13 +160,13 @@ def finish_unit(layout: OutputLayout, name: str, rows: pa.Table, captions: list[
             kept.append(captions[j])
     rows = rows.set_column(rows.column_names.index(REJECT), REJECT, pa.array(reasons, pa.string()))
     data, rejects = output_tables(rows, kept, captioner_name)
-    write_unit(layout, name, data, rejects)
+    data_bytes, rejects_bytes = write_unit(layout, name, data, rejects)
     by_reason: dict[str, int] = {}
     for reason in rejects.column("reason").to_pylist():
         kind = reject_kind(reason)
         by_reason[kind] = by_reason.get(kind, 0) + 1
     return dict(unit=name, rows=rows.num_rows, captioned=data.num_rows, rejected=rejects.num_rows,
-                reject_reasons=by_reason)
+                reject_reasons=by_reason, data_bytes=data_bytes, rejects_bytes=rejects_bytes)
 
 
 def reject_kind(reason: str) -> str:

@@ -17,7 +17,8 @@ import time
 
 from alip.captioners import CaptionerConfig, load_captioner
 from alip.captioning.config import CaptionJobConfig
-from alip.captioning.plan import OutputLayout, WorkUnit, read_unit
+from alip.captioning.output import OutputLayout
+from alip.captioning.plan import WorkUnit, read_unit
 from alip.captioning.stages import finish_unit, prepare_table, prepare_unit
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from alip.captioning.plan import OutputLayout, WorkUnit, read_unit
-from alip.data.dataset import write_shard
-from alip.data.images import ImageDecodeError, decode_image, write_rejects
-from alip.data.schema import BASE_COLUMNS, CAPTION, CAPTION_COLUMNS, CAPTIONER, IMAGE, KEY, REJECTS_SCHEMA
+from alip.captioning.output import OutputLayout
+from alip.captioning.plan import WorkUnit, read_unit
+from alip.data.dataset import parquet_body, write_bytes
+from alip.data.images import ImageDecodeError, decode_image
+from alip.data.schema import BASE_COLUMNS, CAPTION, CAPTION_COLUMNS, CAPTIONER, IMAGE, KEY, REJECTS_SCHEMA, validate_table
 
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
@@ -107,8 +108,15 @@ def output_tables(part: pa.Table, captions: list[str], captioner: str) -> tuple[
     return data.select(order + [c for c in data.column_names if c not in order]), rejects
 
 
-def write_unit(layout: OutputLayout, name: str, data: pa.Table, rejects: pa.Table) -> None:
-    """Rejects first, then the data file: the data file's existence means the unit is done."""
-    write_rejects(rejects, layout.rejects_uri(name))
-    write_shard(data, layout.data_uri(name), require_caption=True)
+def write_unit(layout: OutputLayout, name: str, data: pa.Table, rejects: pa.Table) -> tuple[int, int]:
+    """Rejects first, then the data file: the data file's existence means the unit is done.
+    Returns the two files' sizes in bytes ``(data, rejects)``: what a listing reports from then on
+    (each file is committed whole, in one step), kept by the job's commit index
+    (alip/captioning/commit_index.py)."""
+    validate_table(data, require_caption=True, where=layout.data_uri(name))
+    rejects_body = parquet_body(rejects)
+    write_bytes(rejects_body, layout.rejects_uri(name))
+    data_body = parquet_body(data)
+    write_bytes(data_body, layout.data_uri(name))
+    return data_body.size, rejects_body.size
 

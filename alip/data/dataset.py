@@ -430,6 +430,14 @@ def read_dataset(uri: str, columns: list[str] | None = None, limit: int | None =
 
 # ----------------------------------------------------------------------------- writing
 
+def parquet_body(table: pa.Table) -> pa.Buffer:
+    """``table`` serialised as one Parquet file in memory (what :func:`write_shard` commits)."""
+    buf = pa.BufferOutputStream()
+    # Small row groups keep streaming readers (Ray Data, iter_batches) memory-friendly.
+    pq.write_table(table, buf, compression="zstd", row_group_size=4096)
+    return buf.getvalue()
+
+
 def write_shard(table: pa.Table, uri: str, validate: bool = True, require_caption: bool = False) -> str:
     """Write ``table`` as one Parquet file at ``uri`` atomically; returns ``uri``.
 
@@ -441,10 +449,7 @@ def write_shard(table: pa.Table, uri: str, validate: bool = True, require_captio
         validate_table(table, require_caption=require_caption, where=uri)
     if not uri.endswith(".parquet"):
         raise ValueError(f"shard URI must end with .parquet, got {uri!r}")
-    buf = pa.BufferOutputStream()
-    # Small row groups keep streaming readers (Ray Data, iter_batches) memory-friendly.
-    pq.write_table(table, buf, compression="zstd", row_group_size=4096)
-    return write_bytes(buf.getvalue(), uri)
+    return write_bytes(parquet_body(table), uri)
 
 
 #: Marks temp files of :func:`write_bytes` (``.<name>.tmp-<host>-<pid>-<random>``).
@@ -558,6 +563,28 @@ def shard_versions(uris: list[str]) -> dict[str, dict]:
                 raise StorageError(f"shard s3://{bucket}/{key} does not exist")
             out[f"s3://{bucket}/{key}"] = found[key]
     return {uri: out[uri] for uri in uris}  # in the caller's (shard) order
+
+
+def file_version(uri: str) -> dict | None:
+    """What identifies one file's current content, without reading it: ``{"size", "etag"}`` on S3
+    (one HEAD), ``{"size", "mtime_ns"}`` locally; None if there is no such file."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        bucket, _, key = loc.path.partition("/")
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # botocore's ClientError: 404 is "no such file", the rest is an error
+            if str(getattr(exc, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"cannot read the metadata of {uri!r}: {exc}") from exc
+        return {"size": head["ContentLength"], "etag": head["ETag"].strip('"')}
+    try:
+        st = os.stat(loc.path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot stat {uri!r}: {exc}") from exc
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def write_json(obj, uri: str) -> str:
