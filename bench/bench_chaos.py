@@ -1,35 +1,21 @@
 """Chaos benchmark: tiny ALIP pretraining on a simulated 3-worker-node cluster while nodes are
 removed (no notice) or drained with a deadline (a spot preemption notice) and added back later.
 
-    .venv/bin/python bench/bench_chaos.py                                  # sized for 4 min of clean training; ~50 min in all here
+    .venv/bin/python bench/bench_chaos.py                                  # stress: an event every 2 min, 4 min of training; ~15 min here
+    .venv/bin/python bench/bench_chaos.py --schedule realistic             # an event every 10 min, 30 min of training; ~65 min here
     .venv/bin/python bench/bench_chaos.py --minutes 3 --event-every-s 60   # short run for development
 
-Measured (alone on the 2-core CPU box, 2026-11-30, commit 8ec773b, the first command:
-an event every 120 s, a fresh node 60 s after each removal, 30 s notice deadline):
-    clean: 3 workers, 1544 steps in 659 s, fitted step time 0.382 s -> goodput 89.5%. That run stalled
-      10-20 s at times (steps 707-720 took 21 s; cause not found): the chaos run's 3-worker stretches
-      ran at 0.208 s/step, and an earlier clean run of the same code at 0.209 s/step.
-    chaos: 31 node events in 2470 s (8 lost without notice, 8 PREEMPTION drains + removal at the
-      deadline, 15 returns); every step 1..1544 exactly once in the metrics log.
-      goodput 23.9% (chaos / clean = 26.7%; 13.0% at the 0.208 s/step rate). Restarts took 81% of
-      the wall time: 16 restarts, 122.7-133.0 s each (median 129 s), one 208 s (a 2-worker group
-      Ray Train grew to 3 before its first step). On this box a restart outlasts the 120 s between
-      events, so every event hit a run that had just resumed.
-      Steps lost: node lost without notice 2-22 (mean 9.8, from the periodic or the last
-      checkpoint); preemption 25-37 (mean 30, about 6 s of training: the last checkpoint lands
-      2 steps + write + upload + 5 s before the deadline, the node goes 1 s after it); no step
-      trained before a notice was lost (every preemption resumed from its last-moment
-      checkpoint or a later periodic one).
-      Restart phases, summed over the 16 (1997 s): placement + worker processes 813 s (41%; a
-      lost node is still counted by Ray Train's elastic policy for ~35 s, so the first attempt
-      asks for 3 workers and is placed when the replacement joins 60 s after the removal),
-      first batch + step 543 s (27%; each read task's process imports torch + open_clip, ~0.9 GB),
-      failed start attempts 300 s (15%; 5 of the 7 preemptions: the 3-worker attempt hit
-      RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 60 s just before the replacement joined, then 2
-      workers started), detect + stop 195 s, model + checkpoint restore 167 s (7-13 s each),
-      data stream setup 67 s (1-5 s each).
-An earlier run (before 8ec773b) lost a last-moment checkpoint reported 1 s before the deadline
-(Ray Train had not collected it yet) and resumed 33 steps earlier; see job.last_checkpoint_due.
+Measured alone on the 2-core CPU box, 2026-12-07 (docs/pretraining.md has the table):
+    --schedule realistic (commit 865654d): clean 17503 steps in 1732 s (0.096 s/step, goodput
+      97.5%); chaos 1758 s, 4 events, goodput 96.0%, ratio 0.985 (goal 0.90). Restarts: node lost
+      19.2 s (12 steps redone), preemption 8.1 s (31), grows 20.5 s and 20.1 s (9, 26).
+    --schedule stress (commit 471e8fa, before the local checkpoint copy and the 1 s poll): clean
+      2207 steps in 327 s; chaos 368 s, ratio 0.889 (goal 0.60). Restarts: node lost 25.9 s (20
+      redone), preemption 18.9 s (32), grow 26.2 s (12).
+    Both ratios are flattered by 2-worker steps being faster than 3-worker ones on 2 cores (41-48 s).
+Before issue 23 (2026-11-30, commit 8ec773b, the stress schedule): 16 restarts of 122-133 s
+(median 129 s), ratio 0.267: Ray Train's elastic policy counted a dead node for ~35 s and waited
+RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S = 60 s for it; read tasks imported torch + open_clip.
 
 The cluster is real Ray processes on this machine (`ray.cluster_utils.Cluster`, like cluster.yaml:
 a head with no CPUs) with 3 worker nodes, each with one "trainer" slot, so each hosts exactly one

@@ -398,6 +398,8 @@ def area_of(bucket: str, key: str) -> str:
         return "input"
     if key in ("out", "out/", "out/_rejects", "out/_rejects/"):
         return "output folder"  # its listings (and pyarrow's HEAD of the folder's own key)
+    if key.startswith("out/_index/"):
+        return "job files"  # the commit index's parts
     if key.startswith("out/_rejects/") or (key.startswith("out/") and key.endswith(".parquet")
                                            and not key.rsplit("/", 1)[-1].startswith("_")):
         return "outputs"  # committed units: data and rejects files

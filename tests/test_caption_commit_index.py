@@ -181,3 +181,23 @@ def test_file_version_tells_a_rewrite_without_reading_the_file(tmp_path, where, 
     time.sleep(0.05)
     write_bytes(b'{"a": 2}', uri)                 # same size, other content
     assert file_version(uri) != first
+
+
+def test_a_big_s3_resume_lists_key_ranges_concurrently_with_the_same_answer(s3_bucket, monkeypatch):
+    """Range listing (StartAfter, stop past the range's last key) finds exactly what one listing
+    finds among the units: committed ones, not the missing ones, not other files or sub-folders."""
+    layout = OutputLayout(f"{s3_bucket}/out")
+    names = [f"world-{s:05d}-{u:05d}" for s in range(6) for u in range(4)]  # 24 units
+    for i, name in enumerate(names):
+        if i % 5 != 3:                                   # some units not committed
+            write_bytes(b"x" * (i + 1), layout.data_uri(name))
+    write_bytes(b"{}", f"{s3_bucket}/out/_caption_job.json")
+    write_bytes(b"r", layout.rejects_uri(names[0]))      # in a sub-folder: not listed here
+    write_bytes(b"other", f"{s3_bucket}/out/world-00002-00001-extra.parquet")  # not a unit
+    want = {n: i + 1 for i, n in enumerate(names) if i % 5 != 3}
+    assert layout._sizes_of(layout.root, names) == want  # one listing (few names)
+    monkeypatch.setattr(output, "PARALLEL_LIST_FROM", 1)
+    monkeypatch.setattr(output, "_KEYS_PER_RANGE", 5)
+    monkeypatch.setattr(output, "_PAGE_KEYS", 2)        # ranges span pages
+    assert layout._sizes_of(layout.root, names) == want  # 5 ranges
+    assert layout._sizes_of(layout.root, list(reversed(names))[:7]) == {n: want[n] for n in names[-7:] if n in want}

@@ -33,7 +33,8 @@ import pyarrow.fs as pafs
 from alip.captioning.commit_index import INDEX_DIR, trusted_units
 from alip.captioning.config import CaptionJobError
 from alip.captioning.plan import WorkUnit
-from alip.data.dataset import IO_THREADS, TEMP_MARK, file_version, io_map, read_footer, read_json, write_bytes
+from alip.data.dataset import (IO_THREADS, TEMP_MARK, file_version, io_map, read_footer, read_json, s3_client,
+                               write_bytes)
 from alip.data.storage import Location, StorageError, ensure_s3_connections, file_type, join, resolve, resolve_all
 
 REJECTS_DIR = "_rejects"
@@ -96,14 +97,14 @@ class OutputLayout:
         maps a unit whose data file exists but fails that check to the reason; it must be redone
         (:meth:`discard`).
         """
-        data_files = self._parquet_sizes(self.root)
+        data_files = self._sizes_of(self.root, [u.name for u in units])
         committed = [u for u in units if u.name in data_files]
         done = trusted_units(committed, data_files, entries or {})
         trusted = len(done)
         todo = [u for u in committed if u.name not in done]
         # Listed after the data files: a rejects file is committed before its data file, so every
         # data file above has its rejects file in this listing (unless something deleted it).
-        rejects_files = self._parquet_sizes(self.rejects) if todo else {}
+        rejects_files = self._sizes_of(self.rejects, [u.name for u in todo]) if todo else {}
         ensure_s3_connections(IO_THREADS)
         root, rejects = resolve_all([self.root.uri, self.rejects.uri])  # one client, sized for IO_THREADS
 
@@ -127,6 +128,14 @@ class OutputLayout:
             else:
                 done[name] = rows
         return ResumeState(done, bad, trusted, data_files, rejects_files)
+
+    def _sizes_of(self, loc: Location, names: list[str]) -> dict[str, int | None]:
+        """``{unit name: size}`` of the committed ``<unit>.parquet`` files in ``loc`` among
+        ``names``: one listing, or on S3 for many names, key ranges listed concurrently."""
+        if loc.is_s3 and len(names) >= PARALLEL_LIST_FROM:
+            return _s3_sizes_by_range(loc, names)
+        wanted = set(names)
+        return {n: size for n, size in self._parquet_sizes(loc).items() if n in wanted}
 
     def _parquet_sizes(self, loc: Location) -> dict[str, int | None]:
         """``{unit name: size}`` of the committed ``<unit>.parquet`` files in ``loc`` (one listing)."""
@@ -221,6 +230,52 @@ class OutputLayout:
             data = sum(pool.map(rows, [self.data_uri(n) for n in names]))
             rejected = sum(pool.map(rows, [self.rejects_uri(n) for n in names]))
         return data, rejected
+
+
+#: A resume of at least this many units lists an S3 output folder in key ranges of _KEYS_PER_RANGE,
+#: IO_THREADS at a time: one listing is a page of 1000 keys after another (400 pages, ~80 s on the
+#: bench's 50 ms S3, for LAION-400M's 400,000 committed units).
+PARALLEL_LIST_FROM = 10_000
+_KEYS_PER_RANGE = 5_000
+_PAGE_KEYS = 1000  # S3's most per page
+
+
+def _s3_sizes_by_range(loc: Location, names: list[str]) -> dict[str, int]:
+    """``{name: size}`` of the ``<name>.parquet`` objects directly in the S3 folder ``loc``, for
+    ``names``. The sorted expected keys are cut into ranges listed concurrently: a range starts
+    after the key before it (StartAfter) and stops past its last expected key. The same answer as
+    one listing of the folder, in a fraction of its sequential requests."""
+    bucket, _, folder = loc.path.partition("/")
+    prefix = folder.rstrip("/") + "/" if folder else ""
+    keys = sorted(f"{prefix}{n}.parquet" for n in names)  # str order == S3's UTF-8 byte order
+    wanted = set(keys)
+    ranges = [(keys[i - 1] if i else None, keys[min(i + _KEYS_PER_RANGE, len(keys)) - 1])
+              for i in range(0, len(keys), _KEYS_PER_RANGE)]
+    client = s3_client(raw_timestamps=True)
+
+    def list_range(bounds: tuple[str | None, str]) -> dict[str, int]:
+        after, last = bounds
+        found: dict[str, int] = {}
+        kwargs = dict(Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=_PAGE_KEYS,
+                      **({"StartAfter": after} if after else {}))
+        try:
+            while True:
+                page = client.list_objects_v2(**kwargs)
+                for obj in page.get("Contents", []):
+                    if obj["Key"] > last:
+                        return found
+                    if obj["Key"] in wanted:
+                        found[obj["Key"]] = obj["Size"]
+                if not page.get("IsTruncated"):
+                    return found
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        except Exception as exc:  # botocore's errors are not OSErrors
+            raise StorageError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
+
+    out: dict[str, int] = {}
+    for part in io_map(list_range, ranges):
+        out.update(part)
+    return {key[len(prefix):-len(".parquet")]: size for key, size in out.items()}
 
 
 def check_same_job(existing: dict, identity: dict, where: str) -> None:
