@@ -18,7 +18,7 @@ from alip.captioning.commit_index import CommitIndexWriter, compact, read_index
 from alip.captioning.config import CaptionJobConfig
 from alip.captioning.lease import OutputLease
 from alip.captioning.manifest import PinnedInput, pin_input
-from alip.captioning.output import SUCCESS, SUMMARY, OutputLayout, check_output_reachable
+from alip.captioning.output import SUCCESS, SUMMARY, OutputLayout, ResumeState, check_output_reachable
 from alip.captioning.plan import WorkUnit, list_input, plan_shards
 from alip.captioners import CaptionerConfig, captioner_id
 from alip.data.dataset import shard_versions, write_bytes, write_json
@@ -83,7 +83,9 @@ def _caption_pending(cfg: CaptionJobConfig, captioner: CaptionerConfig, layout: 
     units = pinned.units
     stale = layout.remove_stale_temp_files()
     entries, index_parts = read_index(layout.index, log) if resumed else ({}, [])
-    state = layout.resume_state(units, entries)
+    # A fresh output holds no committed unit (read_manifest refuses a folder of Parquet files
+    # without a manifest, --overwrite cleared it, the lease keeps others out): nothing to list.
+    state = layout.resume_state(units, entries) if resumed else ResumeState({}, {}, 0, {}, {})
     verified, bad = state.done, state.bad
     if resumed and verified:
         log(f"[caption] {len(verified)} committed unit(s) found: {state.trusted} vouched for by the commit index, "
