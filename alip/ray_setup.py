@@ -253,7 +253,6 @@ GCS_HEALTH_CHECK_ENV = {"RAY_health_check_period_ms": "1000",
                         "RAY_health_check_failure_threshold": "5"}
 
 
-
 def _runtime_env(runtime_env: dict | None) -> dict | None:
     env = dict(runtime_env or {})
     env.setdefault("worker_process_setup_hook", "alip.ray_setup.setup_worker_process")

@@ -62,7 +62,7 @@ def test_the_read_task_imports_neither_open_clip_nor_the_model():
 def test_a_local_copy_is_found_by_its_id_only_and_the_oldest_go(tmp_path, monkeypatch):
     import os
 
-    from alip.pretrain.local_copy import LOCAL_COPY_DIR_ENV, find_local_copy, keep_local_copy
+    from alip.pretrain.local_copy import LOCAL_COPY_DIR_ENV, drop_local_copies, find_local_copy, keep_local_copy
 
     monkeypatch.setenv(LOCAL_COPY_DIR_ENV, str(tmp_path / "copies"))
     ids = []
@@ -77,3 +77,5 @@ def test_a_local_copy_is_found_by_its_id_only_and_the_oldest_go(tmp_path, monkey
     assert open(find_local_copy("run", ids[2]), "rb").read() == b"state 2"  # the link outlived the original
     assert find_local_copy("run", None) is None and find_local_copy("other-run", ids[2]) is None
     assert find_local_copy("run", "0" * 32) is None  # a checkpoint written on another node
+    drop_local_copies("run")  # training is over: the disk is given back
+    assert find_local_copy("run", ids[2]) is None and find_local_copy("run", ids[1]) is None

@@ -89,10 +89,15 @@ class CommitIndexWriter:
         self._last = self.clock()
         if not self._pending:
             return None
-        uri = self.dir.child(f"{self.run}-{self.parts:06d}.parquet").uri
-        write_bytes(parquet_body(_table(self._pending)), uri)
-        self.parts += 1
+        uri = self.write_part(self._pending)
         self._pending = []
+        return uri
+
+    def write_part(self, rows: list[dict]) -> str:
+        """Write ``rows`` (commit reports) as this run's next part; returns its URI."""
+        uri = self.dir.child(f"{self.run}-{self.parts:06d}.parquet").uri
+        write_bytes(parquet_body(_table(rows)), uri)
+        self.parts += 1
         return uri
 
 
@@ -163,8 +168,6 @@ def compact(index_dir: Location, read_paths: list[str], done: dict[str, tuple[in
             rejects_bytes = next((e[3] for e in entries.get(name, ()) if e[2] == data_sizes.get(name)), -1)
         rows.append(dict(unit=name, captioned=captioned, rejected=rejected, data_bytes=data_sizes[name],
                          rejects_bytes=rejects_bytes))
-    writer = CommitIndexWriter(index_dir)
-    writer._pending = rows
-    uri = writer.flush()
+    uri = CommitIndexWriter(index_dir).write_part(rows)
     list(io_map(index_dir.fs.delete_file, read_paths))
     return uri

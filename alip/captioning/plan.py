@@ -32,7 +32,7 @@ from alip.data.dataset import (
 from alip.data.schema import DatasetSchemaError, canonicalize, validate_table
 from alip.data.storage import Location, StorageError, ensure_s3_connections, resolve, resolve_all
 
-_IO_THREADS = 16  # tar indexes (a streaming read of each tar) and count_rows
+_IO_THREADS = 16  # tar indexes (a streaming read of each tar)
 #: Planning this many S3 Parquet shards or more lists their folder first: one request per 1000 files
 #: gives every size, and a footer read with its size known is one request instead of two (a HEAD).
 #: A few shards appended to a big input are cheaper with the HEADs.

@@ -49,7 +49,7 @@ from alip.model import create_model, export_open_clip, model_config
 from alip.pretrain.config import PretrainConfig
 from alip.pretrain.metrics import MetricsLog, plot_history, read_history
 from alip.pretrain.decode import READ_COLUMNS, read_and_decode
-from alip.pretrain.local_copy import keep_local_copy
+from alip.pretrain.local_copy import drop_local_copies, keep_local_copy
 from alip.pretrain.stream import ReadUnit, batch_shares, n_rank_items, total_steps, units_of_shard
 from alip.training import ALIPTrainer, TrainConfig, load_training_checkpoint, save_training_checkpoint
 
@@ -331,6 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_and_report(_host(last_metrics), "final" if trainer.step == steps else "periodic")
     if trainer.step < steps:
         raise RuntimeError(f"the data stream ended at step {trainer.step} of {steps}")
+    drop_local_copies(cfg.run_name)  # the final checkpoint is reported: restarts are over
     if metrics_log is not None:
         metrics_log.close()
 

@@ -1,8 +1,9 @@
 """A node-local copy of the checkpoints rank 0 writes, so a restart can restore from local disk.
 
 Rank 0 writes each checkpoint into a temporary directory that Ray Train uploads to the run's
-storage and then deletes. A hard link made before the upload keeps the file on this node at no
-cost in time or disk (one inode, two names) after Ray deletes its name. When the group restarts,
+storage and then deletes. A hard link made before the upload keeps the file on this node after Ray
+deletes its name: no copy is written, but the disk space of the latest `keep` checkpoints stays in
+use on the nodes that were rank 0, until training ends (:func:`drop_local_copies`). When the group restarts,
 a rank placed on this node finds the checkpoint it is told to restore here (matched by the id
 written into position.json, never by step alone) and reads it from local disk; every other rank
 reads it from storage as before. On S3 that saves a download of the whole trainer state (1.8 GB
@@ -12,6 +13,7 @@ nothing either. Only the latest `keep` copies are kept, as Ray Train keeps `keep
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -47,3 +49,8 @@ def find_local_copy(run_name: str, checkpoint_id: str | None) -> str | None:
         return None
     path = local_copy_dir(run_name) / f"{checkpoint_id}.pt"
     return str(path) if path.is_file() else None
+
+
+def drop_local_copies(run_name: str) -> None:
+    """Training is over: the run's checkpoints are in storage, this node's copies only take disk."""
+    shutil.rmtree(local_copy_dir(run_name), ignore_errors=True)
