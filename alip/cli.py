@@ -22,18 +22,31 @@ def _world(argv: list[str]) -> int:
     g = sub.add_parser("generate", help="write N samples as Parquet shards (local dir or s3://)")
     g.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     g.add_argument("--n", type=int, default=10_000, help="number of samples (default 10000)")
-    g.add_argument("--noise", type=float, default=0.5, help="fraction of raw texts unrelated to the image")
+    g.add_argument("--preset", default="default",
+                   help="default | web-like: sets --noise and --raw-text-specificity unless given, and names the "
+                        "captioner to caption the world with (docs/benchmarks.md)")
+    g.add_argument("--noise", type=float, default=None, help="fraction of raw texts unrelated to the image "
+                   "(default: the preset's, 0.5)")
+    g.add_argument("--raw-text-specificity", type=float, default=None,
+                   help="0..1: how much related raw texts name (colour, shape, pattern); 0 = terse (default: the preset's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--shard-size", type=int, default=10_000)
     g.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = p.parse_args(argv)
     from alip.data.world import generate_world, world_summary_json
+    from alip.data.world_presets import get_preset
 
     try:
-        summary = generate_world(args.out, args.n, noise=args.noise, seed=args.seed,
-                                 shard_size=args.shard_size, overwrite=args.overwrite)
+        preset = get_preset(args.preset)
+        summary = generate_world(
+            args.out, args.n, noise=preset.noise if args.noise is None else args.noise, seed=args.seed,
+            shard_size=args.shard_size, overwrite=args.overwrite,
+            raw_text_specificity=preset.raw_text_specificity if args.raw_text_specificity is None
+            else args.raw_text_specificity)
     except ValueError as e:
         p.error(str(e))
+    summary["preset"], summary["captioner"] = preset.name, preset.captioner()
+    print(f"[world] preset {preset.name}: caption it with --captioner '{preset.captioner()}'")
     print(world_summary_json(summary))
     return 0
 

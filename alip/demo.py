@@ -33,6 +33,16 @@ def default_out() -> str:
     return os.environ.get(OUT_ENV) or DEFAULT_OUT
 
 
+def _captioned_by(captioned_dir: Path) -> str | None:
+    """The captioner id pinned in a caption job's output folder (None: no job wrote there yet)."""
+    from alip.captioning.output import MANIFEST
+
+    try:
+        return json.loads((captioned_dir / MANIFEST).read_text()).get("captioner")
+    except (OSError, ValueError):
+        return None
+
+
 def demo_export(objective: str = "alip", out: str | None = None) -> str:
     """Where the demo exports `objective`'s model: <out, default :func:`default_out`>/runs/demo-<objective>/export."""
     return os.path.join(out or default_out(), "runs", f"demo-{objective}", "export")
@@ -43,7 +53,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help=f"working folder (default ${OUT_ENV}, else {DEFAULT_OUT}/)")
     p.add_argument("--n", type=int, default=6000, help="world samples (default 6000)")
-    p.add_argument("--noise", type=float, default=0.5, help="fraction of unrelated raw texts (default 0.5)")
+    p.add_argument("--preset", default="default", help="world preset (alip.data.world_presets): default | web-like "
+                   "(generic, sometimes wrong captions; specific raw texts)")
+    p.add_argument("--noise", type=float, default=None, help="fraction of unrelated raw texts (default: the preset's, 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the tiny preset's)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -59,14 +71,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. The built-in world (regenerated only when its parameters change).
     from alip.data.world import generate_world
+    from alip.data.world_presets import get_preset
 
-    wanted = {"n": args.n, "noise": args.noise, "seed": args.seed}
+    preset = get_preset(args.preset)
+    noise = preset.noise if args.noise is None else args.noise
+    wanted = {"n": args.n, "noise": noise, "raw_text_specificity": preset.raw_text_specificity, "seed": args.seed}
     manifest = world_dir / "_world.json"
     have = json.loads(manifest.read_text()) if manifest.exists() else {}
+    have.setdefault("raw_text_specificity", 0.0)  # worlds written before the knob existed
     if {k: have.get(k) for k in wanted} != wanted:
-        print(f"\n=== 1/4 generating the built-in world: {args.n} samples, {args.noise:.0%} unrelated raw texts ===")
+        print(f"\n=== 1/4 generating the built-in world ({preset.name}): {args.n} samples, {noise:.0%} unrelated raw "
+              f"texts, raw-text specificity {preset.raw_text_specificity:g} ===")
         shutil.rmtree(captioned_dir, ignore_errors=True)
-        generate_world(str(world_dir), args.n, noise=args.noise, seed=args.seed, shard_size=1000, overwrite=True)
+        generate_world(str(world_dir), args.n, noise=noise, seed=args.seed, shard_size=1000, overwrite=True,
+                       raw_text_specificity=preset.raw_text_specificity)
     else:
         print(f"\n=== 1/4 built-in world already at {world_dir} ({args.n} samples) ===")
 
@@ -78,11 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Private, never whatever `ray start` or a crashed session left on this machine.
         init_local_ray()
+    from alip.captioners import captioner_id, parse_spec
     from alip.captioning import CaptionJobConfig, run_captioning
 
-    print("\n=== 2/4 captioning with the built-in captioner (Ray: decode tasks + a caption actor pool) ===")
+    captioner = preset.captioner("builtin")
+    named = "the built-in captioner" if captioner == "builtin" else captioner
+    print(f"\n=== 2/4 captioning with {named} (Ray: decode tasks + a caption actor pool) ===")
+    if _captioned_by(captioned_dir) not in (None, captioner_id(parse_spec(captioner))):
+        shutil.rmtree(captioned_dir)  # captioned by another preset's captioner: the job would refuse to mix them
     caption_summary = run_captioning(CaptionJobConfig(input=str(world_dir), output=str(captioned_dir),
-                                                      captioner="builtin"))
+                                                      captioner=captioner))
 
     # 3. ALIP and the CLIP baseline, identical settings.
     from alip.pretrain.config import config_from_args

@@ -183,8 +183,11 @@ class ALIPTrainer:
             # (a non-fused optimizer makes GradScaler.step read found_inf on the host: a sync).
             fused=self.device.type == "cuda",
         )
+        # OneCycleLR divides by (pct_start * total_steps - 1), which is exactly 0 for e.g. 10 steps at
+        # 0.1 (ZeroDivisionError at construction): a two-step warm-up then.
+        pct_start = 2.0 / total_steps if abs(cfg.pct_start * total_steps - 1.0) < 1e-9 else cfg.pct_start
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start,
+            self.optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start,
             # Adam betas are not cycled (the official code uses OneCycleLR's defaults but with
             # AdamW, torch would cycle beta1 between 0.85 and 0.95: keep Table 2's beta1 = 0.9).
             cycle_momentum=False,

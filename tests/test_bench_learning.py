@@ -57,8 +57,10 @@ def test_summary_is_mean_std_and_paired_difference_per_seed():
     text = bench.format_summary(summary, cfg)
     assert "35.0 +- 5.0" in text and "ALIP - clip" in text and "+13.3 +- 5.8 (3/3)" in text
     md = bench.format_markdown(summary, cfg).splitlines()
-    assert "| alip | 35.0 ± 5.0 | 100.0 ± 0.0 | 20.0 ± 10.0 | 30.0 ± 5.0 |" in md
-    assert "| ALIP − clip | +13.3 ± 5.8 (3/3) | +0.0 ± 0.0 (0/3) | +0.0 ± 8.7 (1/3) | -6.7 ± 20.2 (1/3) |" in md
+    # the average over the four tasks is its own column, per seed then mean +- std (43.75, 51.25, 43.75)
+    assert "| alip | 35.0 ± 5.0 | 100.0 ± 0.0 | 20.0 ± 10.0 | 30.0 ± 5.0 | 46.2 ± 4.3 |" in md
+    assert any(line.startswith("| ALIP − clip | +13.3 ± 5.8 (3/3) | +0.0 ± 0.0 (0/3) | +0.0 ± 8.7 (1/3) | -6.7 ± 20.2 (1/3) | ")
+               for line in md)
 
 
 def test_bad_arguments_are_refused_before_any_work():
@@ -74,20 +76,25 @@ def test_bench_learning_tiny_run_over_seeds_in_worker_processes(tmp_path):
     out, md = tmp_path / "learning.json", tmp_path / "table.md"
     cmd = [sys.executable, "bench/bench_learning.py", "--n", "96", "--steps", "2", "--batch", "32",
            "--eval-samples", "24", "--seeds", "0", "1", "--workers", "2",
-           "--objectives", "alip,clip,oracle", "--json", str(out), "--markdown", str(md)]
+           "--objectives", "alip,clip,oracle", "--preset", "web-like", "--json", str(out), "--markdown", str(md)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One line per run as it finishes, with an ETA; then the table and the paired differences.
     assert proc.stdout.count("ETA") == 6, proc.stdout
     assert "ALIP - clip" in proc.stdout and "ALIP - oracle" in proc.stdout
     data = json.loads(out.read_text())
+    assert data["config"]["preset"] == "web-like" and data["config"]["captioner"].startswith("noisy:")
+    assert "captions wrong" in proc.stdout and "gate accuracy of alip" in proc.stdout
     results = data["results"]
     assert set(results) == {"alip", "clip", "oracle"}
     for objective, runs in results.items():
         assert set(runs) == {"0", "1"}, objective
         for r in runs.values():
-            assert set(r["zeroshot"]) == set(TASKS), objective
+            assert set(r["zeroshot"]) == set(TASKS) | {"average"}, objective
             assert all(0.0 <= v <= 1.0 for v in r["zeroshot"].values())
+            assert r["zeroshot"]["average"] == pytest.approx(np.mean([r["zeroshot"][t] for t in TASKS]))
+            # The gate-accuracy probe runs for two-path objectives only, early/middle/end of training.
+            assert bool(r["gates"]) == (objective == "alip"), objective
             assert r["final"]["loss"] > 0
     # Only ALIP has two paths to compare, so only it reports the W_c > W_t fraction; the oracle is
     # a single-path (CLIP-style) run on the ground-truth text.
@@ -96,5 +103,9 @@ def test_bench_learning_tiny_run_over_seeds_in_worker_processes(tmp_path):
     # Same seed, same initial weights and batches: CLIP and the oracle differ only by their text,
     # so their losses differ; the table in the markdown file has a row per objective.
     assert results["clip"]["0"]["final"]["loss"] != results["oracle"]["0"]["final"]["loss"]
+    probe = results["alip"]["0"]["gates"]["end"]
+    assert probe["step"] == 2 and probe["n"] == 96 and 0.0 <= probe["share_caption_over_raw"] <= 1.0
+    assert probe["lcg_unrelated"]["positives"] == pytest.approx(96 * 0.5, abs=20)  # the preset's unrelated share
     table = md.read_text()
     assert all(f"| {o} |" in table for o in ("alip", "clip", "oracle")) and "| ALIP − oracle |" in table
+    assert "| share of W_c > W_t |" in table

@@ -117,6 +117,28 @@ def test_scores_file_on_the_world(world, scores):
     assert fig["unrelated_lowest_w_s"] > fig["unrelated_highest_w_s"]
     assert fig["unrelated_lowest_w_s"] > fig["unrelated_overall"] > fig["unrelated_highest_w_s"]
 
+    # which text is right about what, per row, and the gate-accuracy table recomputed from the rows
+    from alip.explore.scoring import gate_accuracy
+
+    for c in ("caption", "caption_b"):
+        w = {k: out.column(f"{k}__{c}").to_numpy() for k in ("w_s", "w_t", "w_c")}
+        assert summary["share_caption_over_raw"][c] == pytest.approx(float((w["w_c"] > w["w_t"]).mean()))
+        expected = gate_accuracy(w["w_s"], w["w_t"], w["w_c"],
+                                 ~out.column("raw_text_related").to_numpy(zero_copy_only=False),
+                                 out.column(f"caption_wrong__{c}").to_numpy(zero_copy_only=False),
+                                 out.column(f"raw_text_adds__{c}").to_numpy(zero_copy_only=False))
+        got = summary["gate_accuracy"][c]
+        for key, value in expected.items():  # nested: {name: {precision, recall, predicted, positives}}
+            assert got[key] == (pytest.approx(value, nan_ok=True) if not isinstance(value, dict)
+                                else {k: pytest.approx(v, nan_ok=True) for k, v in value.items()}), key
+    # the reference captions are right but never name the pattern; caption_b names it
+    assert set(out.column("caption_truth__caption").to_pylist()) == {"shape=right colour=right pattern=absent"}
+    assert set(out.column("caption_truth__caption_b").to_pylist()) == {"shape=right colour=right pattern=right"}
+    related = out.column("raw_text_related").to_numpy(zero_copy_only=False)
+    names_pattern = np.array(["pattern=right" in t for t in out.column("raw_text_truth").to_pylist()])
+    assert (out.column("raw_text_adds__caption").to_numpy(zero_copy_only=False) == (related & names_pattern)).all()
+    assert not out.column("raw_text_adds__caption_b").to_numpy(zero_copy_only=False).any()
+
 
 def test_s3_in_and_out_and_clear_errors(world, ray_local, s3_bucket, tmp_path):
     import pyarrow.fs as pafs

@@ -60,6 +60,19 @@ def test_config_reaches_the_optimizer_and_the_schedule():
     assert lrs[0] < 2e-3 / 10 and lrs[-1] < lrs[2] / 5
 
 
+@pytest.mark.parametrize("steps", [1, 2, 10, 20])
+def test_any_number_of_steps_builds_a_schedule(steps):
+    # 10 steps at the default pct_start 0.1 made OneCycleLR divide by zero (pct_start * total - 1 = 0).
+    trainer = ALIPTrainer(TrainConfig(model="alip-micro", global_batch_size=8, precision="fp32"),
+                          create_model("alip-micro"), total_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert all(lr >= 0 for lr in lrs) and (steps < 10 or max(lrs) == pytest.approx(1e-3))
+
+
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = create_model("alip-micro")

@@ -7,6 +7,7 @@ Public API::
     cap = load_captioner("blip-large", device="cuda", dtype="fp16")   # BLIP CapFilt-L preset
     cap = load_captioner("hf:/models/my-blip")      # any transformers captioner (hub id / dir / s3://dir)
     cap = load_captioner("ofa:/models/ofa-large")   # OFA via ModelScope, in the isolated .ofa-venv
+    cap = load_captioner("noisy:error=0.2,generic=0.5:builtin")  # generic and wrong on purpose (noisy.py)
     captions = cap.caption([img1, img2])            # -> list[str]; cap.name -> `captioner` column
     prep = load_preparer("builtin")                 # the CPU half only (processor, no weights)
     cap.generate_prepared(prep.prepare([img1]))     # == cap.caption([img1])
@@ -64,6 +65,11 @@ def load_captioner(
     if dtype is not None:
         generation_overrides["dtype"] = dtype
     config = config.with_overrides(**generation_overrides)
+    if config.noise is not None:
+        from alip.captioners.noisy import NoisyCaptioner
+
+        inner = load_captioner(config.with_overrides(noise=None))
+        return NoisyCaptioner(inner, config.noise, config.name, config.batch_size)
     if config.backend == "hf":
         from alip.captioners.hf import HFCaptioner
 
@@ -77,6 +83,10 @@ def load_preparer(spec: str | CaptionerConfig, **overrides) -> "Preparer":
     """The CPU half of a captioner (``prepare(images)``): loads the processor only, never the weights."""
     config = spec if isinstance(spec, CaptionerConfig) else parse_spec(spec)
     config = config.with_overrides(**overrides)
+    if config.noise is not None:  # the edits happen after generation: preparing is the inner captioner's
+        preparer = load_preparer(config.with_overrides(noise=None))
+        preparer.name = config.name
+        return preparer
     if config.backend == "hf":
         from alip.captioners.hf import HFPreparer
 

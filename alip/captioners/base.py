@@ -25,10 +25,13 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from alip.captioners.noisy import CaptionNoise
 
 #: Where the built-in captioner (a tiny BLIP trained on the built-in world) is shipped.
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin_model"
@@ -94,6 +97,7 @@ class CaptionerConfig:
     label: str | None = None  # model part of `name`; None = `model`
     ofa_python: str | None = None  # python of the OFA venv; None = $ALIP_OFA_PYTHON or .ofa-venv
     extra: dict = field(default_factory=dict)  # passed to generate() as-is
+    noise: "CaptionNoise | None" = None  # edits the captions on purpose (alip.captioners.noisy); None = as-is
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "ofa"):
@@ -153,7 +157,8 @@ class CaptionerConfig:
             settings.append(f"prompt={self.prompt!r}")
         for key in sorted(self.extra):
             settings.append(f"{key}={self.extra[key]!r}")
-        return f"{self.label or self.model}[{','.join(settings)}]"
+        name = f"{self.label or self.model}[{','.join(settings)}]"
+        return f"noisy({self.noise.spec})+{name}" if self.noise is not None else name
 
 
 def captioner_id(config: CaptionerConfig) -> str:
@@ -213,11 +218,20 @@ PRESETS = {"builtin": builtin_config, "blip-large": lambda: BLIP_LARGE}
 def parse_spec(spec: str) -> CaptionerConfig:
     """Turn a spec string into a config.
 
-    Specs: ``builtin``, ``blip-large``, ``hf:<hub-id | local dir | s3://dir>``, ``ofa:<dir | s3://dir>``.
+    Specs: ``builtin``, ``blip-large``, ``hf:<hub-id | local dir | s3://dir>``, ``ofa:<dir | s3://dir>``,
+    and ``noisy:<settings>:<any of those>`` (alip.captioners.noisy: generic and wrong on purpose).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise CaptionerError(f"captioner spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("noisy:"):
+        from alip.captioners.noisy import parse_noisy_spec
+
+        noise, inner = parse_noisy_spec(spec)
+        config = parse_spec(inner)
+        if config.noise is not None:
+            raise CaptionerError(f"captioner spec {spec!r}: a noisy captioner cannot wrap another noisy one")
+        return dataclasses.replace(config, noise=noise)
     if spec in PRESETS:
         return PRESETS[spec]()
     backend, sep, target = spec.partition(":")
@@ -229,7 +243,7 @@ def parse_spec(spec: str) -> CaptionerConfig:
         return CaptionerConfig(backend="ofa", model=target.strip(), **OFA_DEFAULTS)
     raise CaptionerError(
         f"unknown captioner spec {spec!r}. Use one of: 'builtin', 'blip-large', "
-        "'hf:<hub id | local dir | s3://dir>', 'ofa:<dir | s3://dir>'"
+        "'hf:<hub id | local dir | s3://dir>', 'ofa:<dir | s3://dir>', 'noisy:error=<0..1>,generic=<0..1>:<spec>'"
     )
 
 

@@ -216,7 +216,7 @@ def format_summary(s: dict) -> str:
 _HELP = {
     "input": "input dataset: folder or s3://bucket/prefix of Parquet shards or WebDataset tars",
     "output": "output folder or s3:// prefix (rerunning the same command resumes)",
-    "captioner": "builtin | blip-large | hf:<hub id|dir|s3://dir> | ofa:<dir>",
+    "captioner": "builtin | blip-large | hf:<hub id|dir|s3://dir> | ofa:<dir> | noisy:error=<0..1>,generic=<0..1>:<spec>",
     "max_actors": "most caption actors (default: 1 on a cluster; one per 4 CPUs on a private local Ray); the pool "
                   "never holds more than the cluster can beside the decode tasks",
     "cpus_per_actor": "CPUs per caption actor (default: 1 on a cluster; the local rule on a private local Ray)",

@@ -207,11 +207,22 @@ def noise_text(rng: np.random.Generator) -> str:
     return _pick(rng, _NOISE_TEMPLATES)(rng)
 
 
-def related_text(attrs: Mapping, rng: np.random.Generator) -> tuple[str, bool]:
-    """A terse, partial, but truthful alt-text for the main object; returns (text, mentions_pattern)."""
-    with_pattern = rng.random() < RAW_TEXT_PATTERN_PROB
-    with_colour = rng.random() < 0.65
-    with_shape = rng.random() < 0.7
+def _more_specific(prob: float, specificity: float) -> float:
+    """``prob`` moved ``specificity`` of the way to 1 (0 keeps today's alt-texts, 1 names it always)."""
+    return prob + specificity * (1.0 - prob)
+
+
+def related_text(attrs: Mapping, rng: np.random.Generator, specificity: float = 0.0) -> tuple[str, dict]:
+    """A terse, partial, but truthful alt-text for the main object.
+
+    Returns ``(text, mentions)``, ``mentions`` = {"pattern": bool, "colour": bool, "shape": bool}: which
+    attributes the text names. ``specificity`` in [0, 1] raises the chance of naming each of colour,
+    shape and pattern from today's 0.65 / 0.7 / RAW_TEXT_PATTERN_PROB towards 1 (web alt-texts that are
+    related often carry specifics a captioner never says); the random draws are the same for every
+    value, so specificity 0 reproduces the default world exactly."""
+    with_pattern = rng.random() < _more_specific(RAW_TEXT_PATTERN_PROB, specificity)
+    with_colour = rng.random() < _more_specific(0.65, specificity)
+    with_shape = rng.random() < _more_specific(0.7, specificity)
     if not (with_pattern or with_colour or with_shape):
         with_shape = True
     words = []
@@ -226,7 +237,7 @@ def related_text(attrs: Mapping, rng: np.random.Generator) -> tuple[str, bool]:
         words.append(_POSITION_PHRASES[attrs["position"]])
     phrase = " ".join(words)
     text = _pick(rng, _RELATED_TEMPLATES).format(p=phrase, P=phrase[:1].upper() + phrase[1:])
-    return text, with_pattern
+    return text, {"pattern": with_pattern, "colour": with_colour, "shape": with_shape}
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -339,7 +350,8 @@ WORLD_SCHEMA = pa.schema(
     [("key", pa.string()), ("image", pa.binary()), ("raw_text", pa.string()),
      ("description", pa.string())]
     + [(c, pa.string()) for c in _LABEL_COLUMNS]
-    + [("n_objects", pa.int8()), ("raw_text_related", pa.bool_()), ("raw_text_mentions_pattern", pa.bool_())]
+    + [("n_objects", pa.int8()), ("raw_text_related", pa.bool_()), ("raw_text_mentions_pattern", pa.bool_()),
+       ("raw_text_mentions_colour", pa.bool_()), ("raw_text_mentions_shape", pa.bool_())]
 )
 
 
@@ -347,28 +359,38 @@ def world_key(seed: int, index: int) -> str:
     return f"{seed:04d}-{index:08d}"
 
 
-def world_sample(index: int, noise: float, seed: int, two_object_prob: float = TWO_OBJECT_PROB) -> dict:
-    """Sample ``index`` of the training world for ``seed`` (pure function of its arguments)."""
+def world_sample(index: int, noise: float, seed: int, two_object_prob: float = TWO_OBJECT_PROB,
+                 specificity: float = 0.0) -> dict:
+    """Sample ``index`` of the training world for ``seed`` (pure function of its arguments).
+
+    ``specificity``: see :func:`related_text` (0 = the default world)."""
     rng = np.random.default_rng([TRAIN_STREAM, seed, index])
     attrs = sample_attrs(rng, two_object_prob=two_object_prob)
     pixels = render(attrs, rng)
     related = bool(rng.random() >= noise)
     if related:
-        text, mentions = related_text(attrs, rng)
+        text, mentions = related_text(attrs, rng, specificity)
     else:
-        text, mentions = noise_text(rng), False
+        text, mentions = noise_text(rng), {"pattern": False, "colour": False, "shape": False}
     row = {"key": world_key(seed, index), "image": encode_image(pixels), "raw_text": text,
            "description": describe(attrs, include_pattern=True)}
     row.update({c: attrs[c] for c in _LABEL_COLUMNS})
-    row.update(n_objects=attrs["n_objects"], raw_text_related=related, raw_text_mentions_pattern=mentions)
+    row.update(n_objects=attrs["n_objects"], raw_text_related=related,
+               **{f"raw_text_mentions_{a}": mentions[a] for a in ("pattern", "colour", "shape")})
     return row
 
 
 def world_table(n: int, noise: float = 0.3, seed: int = 0, start: int = 0,
-                two_object_prob: float = TWO_OBJECT_PROB) -> pa.Table:
+                two_object_prob: float = TWO_OBJECT_PROB, specificity: float = 0.0) -> pa.Table:
     """Samples ``start .. start+n-1`` as an in-memory table in the dataset format (+ labels)."""
-    rows = [world_sample(i, noise, seed, two_object_prob) for i in range(start, start + n)]
+    _check_fraction("specificity", specificity)
+    rows = [world_sample(i, noise, seed, two_object_prob, specificity) for i in range(start, start + n)]
     return pa.Table.from_pylist(rows, schema=WORLD_SCHEMA)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
 
 
 def _check_args(n: int, noise: float, seed: int) -> None:
@@ -380,9 +402,9 @@ def _check_args(n: int, noise: float, seed: int) -> None:
         raise ValueError(f"seed must be an integer in [0, 9999] (it is part of the 4-digit key), got {seed!r}")
 
 
-def _chunk(args: tuple[int, int, float, int]) -> pa.Table:
-    start, stop, noise, seed = args
-    return world_table(stop - start, noise, seed, start=start)
+def _chunk(args: tuple[int, int, float, int, float]) -> pa.Table:
+    start, stop, noise, seed, specificity = args
+    return world_table(stop - start, noise, seed, start=start, specificity=specificity)
 
 
 def generate_world(
@@ -394,12 +416,14 @@ def generate_world(
     workers: int | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
+    raw_text_specificity: float = 0.0,
 ) -> dict:
     """Write ``n`` world samples as Parquet shards ``world-00000.parquet, ...`` to ``out_uri``.
 
     ``out_uri`` is a local folder or ``s3://bucket/prefix``. ``workers`` processes render in
     parallel (default: up to 2 for n >= 4000); results do not depend on it or on ``shard_size``.
-    Refuses to write into a folder that already holds shards unless ``overwrite`` (stale shards
+    ``raw_text_specificity``: how much the related raw texts name (:func:`related_text`; 0 = the
+    default world). Refuses to write into a folder that already holds shards unless ``overwrite`` (stale shards
     from an earlier run would otherwise silently join the dataset). Writes ``_world.json`` with
     the parameters and returns a summary dict (also the progress lines go to ``log``).
     """
@@ -407,6 +431,7 @@ def generate_world(
     from alip.data.storage import StorageError, join, resolve
 
     _check_args(n, noise, seed)
+    _check_fraction("raw_text_specificity", raw_text_specificity)
     if not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     log = log or (lambda _msg: None)
@@ -431,9 +456,11 @@ def generate_world(
     jobs = []
     for s0 in range(0, n, shard_size):
         s1 = min(n, s0 + shard_size)
-        jobs += [(c0, min(s1, c0 + chunk), float(noise), seed) for c0 in range(s0, s1, chunk)]
+        jobs += [(c0, min(s1, c0 + chunk), float(noise), seed, float(raw_text_specificity))
+                 for c0 in range(s0, s1, chunk)]
     n_shards = math.ceil(n / shard_size)
-    log(f"[world] generating {n} samples (noise={noise}, seed={seed}) into {loc.uri}: "
+    log(f"[world] generating {n} samples (noise={noise}, raw_text_specificity={raw_text_specificity}, seed={seed}) "
+        f"into {loc.uri}: "
         f"{n_shards} shard(s), {workers} worker(s)")
 
     t0 = time.perf_counter()
@@ -459,11 +486,12 @@ def generate_world(
             pool.shutdown()
     elapsed = time.perf_counter() - t0
     summary = {
-        "out": loc.uri, "n": n, "noise": float(noise), "seed": seed, "shard_size": shard_size,
+        "out": loc.uri, "n": n, "noise": float(noise), "raw_text_specificity": float(raw_text_specificity),
+        "seed": seed, "shard_size": shard_size,
         "shards": shards, "workers": workers, "seconds": round(elapsed, 3),
         "samples_per_s": round(n / elapsed, 1), "related_fraction": round(float(related) / n, 4),
     }
-    write_json({k: summary[k] for k in ("n", "noise", "seed", "shard_size")}
+    write_json({k: summary[k] for k in ("n", "noise", "raw_text_specificity", "seed", "shard_size")}
                | {"generator": "alip.data.world", "shards": [u.rsplit("/", 1)[-1] for u in shards]},
                join(loc.uri, "_world.json"))
     log(f"[world] done: {n} samples in {elapsed:.1f}s ({summary['samples_per_s']:.0f}/s), "

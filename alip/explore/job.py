@@ -29,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alip.explore.scoring import GateSettings, GateSettingsError, gate_scores, score_columns, truth_figure
+from alip.explore.scoring import (GateSettings, GateSettingsError, add_counts, gate_accuracy_from_counts, gate_counts,
+                                  gate_scores, score_columns, truth_figure)
 
 ROW_GROUP = 1024  # rows per Parquet row group: a page of the explorer reads only the groups it shows
 METADATA_KEY = b"alip_explore"
 TRUTH = "raw_text_related"
+LABELS = ("shape", "colour", "pattern")  # the built-in world's labels: with them, per-row truth of every text
 
 
 class ExploreError(ValueError):
@@ -100,8 +102,32 @@ class Scorer:
         cols["source"] = pa.array([posixpath.basename(p) for p in paths], pa.string())
         if TRUTH in batch.column_names:
             cols[TRUTH] = batch.column(TRUTH)
+        if TRUTH in batch.column_names and all(label in batch.column_names for label in LABELS):
+            cols.update(_truth_columns(batch, self.captions))
         cols.update({k: pa.array(v) for k, v in scores.items()})
         return pa.table(cols)
+
+
+def _truth_columns(batch: pa.Table, captions: list[str]) -> dict[str, pa.Array]:
+    """Which of each row's texts is right about what (alip.data.world_truth), per caption column."""
+    from alip.data.world_truth import truth_columns
+
+    labels = batch.select(list(LABELS)).to_pylist()
+    raw, related = batch.column("raw_text").to_pylist(), batch.column(TRUTH).to_pylist()
+    out: dict[str, pa.Array] = {}
+    for c in captions:
+        t = truth_columns(raw, batch.column(c).to_pylist(), labels, related)
+        out["raw_text_truth"] = pa.array(t["raw_text_truth"], pa.string())
+        out[f"caption_truth__{c}"] = pa.array(t["caption_truth"], pa.string())
+        out[f"caption_wrong__{c}"] = pa.array(t["caption_wrong"], pa.bool_())
+        out[f"raw_text_adds__{c}"] = pa.array(t["raw_text_adds"], pa.bool_())
+    return out
+
+
+def _truth_schema(captions: list[str]) -> list[tuple[str, pa.DataType]]:
+    return [("raw_text_truth", pa.string())] + [
+        (f"{name}__{c}", kind) for c in captions
+        for name, kind in (("caption_truth", pa.string()), ("caption_wrong", pa.bool_()), ("raw_text_adds", pa.bool_()))]
 
 
 #: this worker process's Scorer, kept for the next tasks it runs: ((its arguments), scorer)
@@ -120,11 +146,13 @@ def score_batch(batch: pa.Table, *, model: str, caption_columns: list[str], sett
     return _PROCESS_SCORER[1](batch)
 
 
-def _output_schema(captions: list[str], has_truth: bool) -> pa.Schema:
+def _output_schema(captions: list[str], has_truth: bool, has_labels: bool = False) -> pa.Schema:
     fields_ = [("key", pa.string()), ("raw_text", pa.string())] + [(c, pa.string()) for c in captions]
     fields_.append(("source", pa.string()))
     if has_truth:
         fields_.append((TRUTH, pa.bool_()))
+    if has_labels:
+        fields_ += _truth_schema(captions)
     fields_ += [(c, pa.float32()) for c in score_columns(captions)]
     return pa.schema(fields_)
 
@@ -158,6 +186,7 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
                                "`alip explore` needs a captioned dataset (key, image, raw_text, caption)")
     captions = detect_caption_columns(schema, cfg.caption_columns or None)
     has_truth = TRUTH in schema.names
+    has_labels = has_truth and all(label in schema.names for label in LABELS)
     # Every shard's row count from its footer, read concurrently (one request each on S3).
     rows_in = sum(meta.num_rows for _, meta in iter_footers(shards, sizes))
     if rows_in == 0:
@@ -179,7 +208,8 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
     if actors < cfg.actors:
         log(f"[explore] {actors} scoring task(s) at a time instead of {cfg.actors}: this Ray has {total:g} CPUs and "
             "reading the data needs one")
-    columns = ["key", "image", "raw_text"] + captions + ([TRUTH] if has_truth else [])
+    columns = ["key", "image", "raw_text"] + captions + ([TRUTH] if has_truth else []) + \
+        (list(LABELS) if has_labels else [])
     ds = ray.data.read_parquet([loc.path for loc in resolve_all(shards)], filesystem=first.fs, include_paths=True)
     ds = ds.select_columns(columns + ["path"])
     # Scoring runs in Ray Data TASKS (at most `actors` at a time), each worker process loading the
@@ -196,13 +226,16 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
                         batch_size=cfg.batch_size, batch_format="pyarrow",
                         compute=ray.data.TaskPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor)
 
-    out_schema = _output_schema(captions, has_truth)
+    out_schema = _output_schema(captions, has_truth, has_labels)
     local = not out.is_s3
     target = out.path + ".tmp" if local else out.path
     if local:
         os.makedirs(os.path.dirname(os.path.abspath(target)) or ".", exist_ok=True)
     rank_scores: dict[str, list[np.ndarray]] = {c: [] for c in captions}
     truth: list[np.ndarray] = []
+    # Streaming counts (no per-row arrays on the driver): the share of W_c > W_t, and with the world's
+    # labels the gate-accuracy table (alip.explore.scoring.gate_accuracy).
+    counts: dict[str, dict | None] = {c: None for c in captions}
     done, last = 0, time.perf_counter()
     with pq.ParquetWriter(target, out_schema, filesystem=out.fs, compression="zstd") as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -212,6 +245,15 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
                 for c in captions:
                     rank_scores[c].append(batch.column(f"s_tc__{c}").to_numpy())
                 truth.append(~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool))
+            for c in captions:
+                n = batch.num_rows
+                unrelated = (~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool)) if has_truth \
+                    else np.zeros(n, bool)
+                wrong, adds = ((batch.column(f"{k}__{c}").to_numpy(zero_copy_only=False).astype(bool)
+                                for k in ("caption_wrong", "raw_text_adds")) if has_labels
+                               else (np.zeros(n, bool), np.zeros(n, bool)))
+                counts[c] = add_counts(counts[c], gate_counts(
+                    *(batch.column(f"{w}__{c}").to_numpy() for w in ("w_s", "w_t", "w_c")), unrelated, wrong, adds))
             done += batch.num_rows
             if time.perf_counter() - last > 5 or done == rows_in:
                 last = time.perf_counter()
@@ -221,6 +263,11 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
         if has_truth and done:
             unrelated = np.concatenate(truth)
             summary["truth"] = {c: truth_figure(np.concatenate(rank_scores[c]), unrelated) for c in captions}
+        if done:
+            accuracy = {c: gate_accuracy_from_counts(counts[c]) for c in captions}
+            summary["share_caption_over_raw"] = {c: accuracy[c]["share_caption_over_raw"] for c in captions}
+            if has_labels:
+                summary["gate_accuracy"] = accuracy
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(summary).encode()})
     if local:
@@ -228,6 +275,16 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
     for c, fig in summary.get("truth", {}).items():
         log(f"[explore] {c}: unrelated raw texts among the 10% lowest W_s: {fig['unrelated_lowest_w_s']:.1%}, "
             f"among the 10% highest: {fig['unrelated_highest_w_s']:.1%} (overall {fig['unrelated_overall']:.1%})")
+    for c, share in summary.get("share_caption_over_raw", {}).items():
+        log(f"[explore] {c}: W_c > W_t (the caption weighs more than the raw text) on {share:.1%} of the samples "
+            "(the paper: 27.6% of YFCC15M)")
+    for c, acc in summary.get("gate_accuracy", {}).items():
+        for name, what in (("lcg_unrelated", "W_s < 1 flags an unrelated raw text"),
+                           ("dcg_wrong_caption", "W_t > W_c flags a wrong caption"),
+                           ("dcg_raw_adds", "W_t > W_c flags a raw text right where the caption is not")):
+            pr = acc[name]
+            log(f"[explore] {c}: {what}: precision {pr['precision']:.1%}, recall {pr['recall']:.1%} "
+                f"({pr['positives']} such samples)")
     log(f"[explore] wrote {done} rows to {cfg.out} in {summary['seconds']}s")
     return summary
 

@@ -478,19 +478,35 @@ def run_training(cfg: PretrainConfig, plan: tuple[list[ReadUnit], int, int] | No
         use_gpu=cfg.use_gpu, resources_per_worker=resources,
         elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows, "units": units},
-        scaling_config=scaling,
-        run_config=run_config,
-    )
     t0 = time.perf_counter()
-    with _elastic_policy(cfg):
-        result = trainer.fit()
+    for attempt in range(CONTROLLER_RETRIES + 1):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": cfg.to_dict(), "total_steps": steps, "rows": rows, "units": units},
+            scaling_config=scaling,
+            run_config=run_config,
+        )
+        try:
+            with _elastic_policy(cfg):
+                result = trainer.fit()
+            break
+        except ray.train.ControllerError as e:
+            # Ray Train retries worker failures itself, but an error inside its controller (seen: a worker
+            # group restarting after a SIGKILL whose new workers died with their placement group on a
+            # loaded node) ends fit(). The run's checkpoints are all in storage, so fitting again is a
+            # resume (the same path as rerunning the command), not a restart from step 0.
+            if attempt == CONTROLLER_RETRIES:
+                raise
+            why = str(e).strip().splitlines()
+            print(f"[pretrain] Ray Train's controller failed ({why[-1] if why else type(e).__name__}); fitting "
+                  f"again from the run's last checkpoint (retry {attempt + 1}/{CONTROLLER_RETRIES})", flush=True)
     summary = {"run_name": cfg.run_name, "objective": cfg.train.objective, "model": cfg.train.model,
                "total_steps": steps, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     return result, summary
 
+
+#: fit() again after this many Ray Train controller errors (each one resumes from the last checkpoint)
+CONTROLLER_RETRIES = 2
 
 # Ray Train waits this long for a new group's placement group (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
 # read by its controller: ray/train/v2/_internal/execution/worker_group/worker_group.py, only around
