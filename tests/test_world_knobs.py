@@ -158,3 +158,23 @@ def test_presets_name_their_captioner():
     web = get_preset("web-like")
     assert web.captioner().startswith("noisy:") and web.captioner().endswith(":builtin")
     assert parse_spec(web.captioner()).noise == CaptionNoise(web.caption_error, web.caption_genericity, 0)
+
+
+def test_world_generate_cli_takes_the_preset_and_says_how_to_caption_it(tmp_path, capsys):
+    import json
+
+    from alip.cli import main
+
+    assert main(["world", "generate", "--out", str(tmp_path / "web"), "--n", "40", "--preset", "web-like"]) == 0
+    out = capsys.readouterr().out
+    web = get_preset("web-like")
+    assert f"--captioner '{web.captioner()}'" in out
+    meta = json.loads((tmp_path / "web" / "_world.json").read_text())
+    assert (meta["noise"], meta["raw_text_specificity"]) == (web.noise, web.raw_text_specificity)
+    # an explicit flag wins over the preset
+    assert main(["world", "generate", "--out", str(tmp_path / "w2"), "--n", "40", "--preset", "web-like",
+                 "--raw-text-specificity", "0"]) == 0
+    assert json.loads((tmp_path / "w2" / "_world.json").read_text())["raw_text_specificity"] == 0.0
+    with pytest.raises(SystemExit):
+        main(["world", "generate", "--out", str(tmp_path / "w3"), "--n", "4", "--preset", "webby"])
+    assert "unknown world preset" in capsys.readouterr().err
