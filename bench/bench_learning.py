@@ -163,7 +163,7 @@ def _load_data(path: str):
     return images, torch.from_numpy(d["raw"]), torch.from_numpy(d["caption"]), torch.from_numpy(d["oracle"]), truth
 
 
-def probe_gates(model, trainer, images, raw, cap, truth: dict, cfg: "BenchConfig") -> dict:
+def probe_gates(model, trainer, images, raw, cap, truth: dict) -> dict:
     """The gate-accuracy table on the first PROBE training samples, with the trainer's momentum means
     frozen (exactly what `alip explore` computes on an export: alip.explore.scoring.gate_scores)."""
     import torch
@@ -228,7 +228,7 @@ def train_one(objective: str, seed: int, data_path: str, cfg: BenchConfig) -> di
         last = trainer.train_step(batch, raw[idx], cap[idx]).host_metrics()
         if step + 1 in probe_at:
             p0 = time.perf_counter()
-            gates[probe_at[step + 1]] = probe_gates(model, trainer, images, raw, cap, truth, cfg)
+            gates[probe_at[step + 1]] = probe_gates(model, trainer, images, raw, cap, truth)
             probe_seconds += time.perf_counter() - p0
     train_seconds = time.perf_counter() - t0 - probe_seconds
     zs = evaluate_world_zeroshot(model, n=cfg.eval_samples, seed=1)

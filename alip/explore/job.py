@@ -241,14 +241,14 @@ def run_explore(cfg: ExploreConfig, log=print) -> dict:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             batch = batch.select(out_schema.names).cast(out_schema)
             writer.write_table(batch, row_group_size=ROW_GROUP)
+            n = batch.num_rows
+            unrelated = ~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool) if has_truth \
+                else np.zeros(n, bool)
             if has_truth:  # per-row scores stay on the driver only for the truth figure (world data)
                 for c in captions:
                     rank_scores[c].append(batch.column(f"s_tc__{c}").to_numpy())
-                truth.append(~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool))
+                truth.append(unrelated)
             for c in captions:
-                n = batch.num_rows
-                unrelated = (~batch.column(TRUTH).to_numpy(zero_copy_only=False).astype(bool)) if has_truth \
-                    else np.zeros(n, bool)
                 wrong, adds = ((batch.column(f"{k}__{c}").to_numpy(zero_copy_only=False).astype(bool)
                                 for k in ("caption_wrong", "raw_text_adds")) if has_labels
                                else (np.zeros(n, bool), np.zeros(n, bool)))
