@@ -289,7 +289,9 @@ def run_trial(trial: Trial, work: str, stall_timeout_s: float = 20.0, say=print)
     limit = bound_s(trial, stall_timeout_s)
     say(f"  {trial.describe()}\n    bound {limit:.0f} s")
     record = {"seed": trial.seed, "shape": trial.describe(), "bound_s": round(limit, 1), "ok": False}
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=trial.head_cpus,
+    # No dashboard: the job needs none (the GCS answers what it asks), and on a 2-core box its
+    # process is CPU a trial does not have to spare.
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=trial.head_cpus, include_dashboard=False,
                                                                 object_store_memory=120 * 2**20))
     try:
         for cpus in trial.workers:

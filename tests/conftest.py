@@ -44,20 +44,20 @@ def pytest_configure(config):
         os.environ["RAY_TMPDIR"] = ray_tmp
 
 
-#: Seconds each file took (>= 10 s) on one of two xdist workers: junit times of a fresh-clone
-#: `make test` run alone, 2026-12-07, 2-core box. Only the order the files are handed out in
-#: (longest first, so no long file starts last); a stale figure costs balance, never correctness.
+#: Seconds each file took (>= 10 s) on one of two xdist workers: per-test start/end times of a
+#: `make test` run alone, 2026-12-07, 2-core box (issue 24). Only the order the files are handed
+#: out in (longest first, so no long file starts last); a stale figure costs balance, never correctness.
 #: Files not named here count 20 s per slow test, 0.1 s per other test.
 FILE_SECONDS = {
-    "test_readme_commands.py": 546, "test_pretrain_elastic.py": 461, "test_pretrain_job.py": 386,
-    "test_chaos_caption.py": 332, "test_caption_cluster.py": 273, "test_demo_console.py": 151,
-    "test_serve_abuse.py": 94, "test_caption_manifest.py": 78, "test_caption_job_resume.py": 71,
-    "test_bench_caption.py": 65, "test_caption_job.py": 63, "test_serve_e2e.py": 45,
-    "test_bench_scale.py": 39, "test_explore_job.py": 37, "test_gpu_check.py": 34, "test_caption_pool.py": 28,
-    "test_distributed_equivalence.py": 26, "test_eval_e2e.py": 23, "test_captioners_ofa.py": 22,
-    "test_bench_learning.py": 20, "test_spot_watch.py": 20, "test_model.py": 18,
-    "test_pretrain_data_ray.py": 13, "test_working_tree.py": 12, "test_caption_lease.py": 12,
-    "test_scale_planning.py": 11,
+    "test_readme_commands.py": 620, "test_chaos_caption.py": 412, "test_pretrain_job.py": 312,
+    "test_pretrain_elastic.py": 308, "test_caption_cluster.py": 286, "test_demo_console.py": 185,
+    "test_captioners_ofa.py": 113, "test_caption_job_resume.py": 107, "test_serve_abuse.py": 96,
+    "test_caption_manifest.py": 75, "test_bench_caption.py": 74, "test_serve_e2e.py": 57, "test_caption_job.py": 54,
+    "test_bench_learning.py": 49, "test_explore_job.py": 43, "test_eval_e2e.py": 43, "test_bench_scale.py": 39,
+    "test_caption_pool.py": 37, "test_distributed_equivalence.py": 28, "test_gpu_check.py": 23,
+    "test_spot_watch.py": 21, "test_world_knobs.py": 20, "test_model.py": 20, "test_training_options.py": 16,
+    "test_working_tree.py": 16, "test_pretrain_data_ray.py": 15, "test_captioners_builtin.py": 15,
+    "test_ray_setup.py": 13, "test_caption_lease.py": 12, "test_scale_planning.py": 12, "test_bench_train_step.py": 11,
 }
 
 

@@ -28,7 +28,8 @@ def cluster():
 
     from alip.ray_setup import is_private_local_ray
 
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=150 * 2**20))
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=150 * 2**20,
+                                                          include_dashboard=False))  # the job needs none
     for _ in range(3):
         c.add_node(num_cpus=2, object_store_memory=150 * 2**20)
     ray.init(address=c.address, log_to_driver=False)
