@@ -31,6 +31,11 @@ import tempfile
 import pytest
 
 from s3_server import create_bucket, moto_s3_server
+from suite_timeline import record as record_timeline
+
+#: ALIP_TEST_TIMELINE=<file>: each test's start and end (and the machine's busy CPU) go there;
+#: `python tests/suite_timeline.py <file>` reports them (lanes, FILE_SECONDS, how busy the box was).
+TIMELINE = os.environ.get("ALIP_TEST_TIMELINE")
 
 #: the user's settings that would point a test's defaults at their own files
 USER_PATH_ENV = ("ALIP_SERVE_MODEL", "ALIP_EVAL_DATA")
@@ -72,6 +77,16 @@ def pytest_collection_modifyitems(config, items):
         else:
             seconds[name] = seconds.get(name, 0.0) + (20.0 if item.get_closest_marker("slow") else 0.1)
     items.sort(key=lambda item: -seconds[os.path.basename(item.fspath.strpath)])
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if TIMELINE:
+        record_timeline(TIMELINE, "start", nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if TIMELINE:
+        record_timeline(TIMELINE, "end", nodeid)
 
 
 @pytest.fixture(scope="session", autouse=True)
