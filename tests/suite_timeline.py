@@ -65,7 +65,8 @@ def summarise(rows) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip())
+        print("usage: python tests/suite_timeline.py <file written by ALIP_TEST_TIMELINE=<file> make test>",
+              file=sys.stderr)
         return 2
     s = summarise(read(argv[0]))
     t0 = min((start for lane in s["lanes"].values() for _, start, _ in lane), default=0.0)
