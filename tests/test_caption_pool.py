@@ -150,7 +150,8 @@ def test_ray_views_of_gpu_and_cpu_nodes_and_drains_give_the_rule_its_inputs(tmp_
     from alip.captioning.pool_control import CaptionJobStalled
     from test_caption_job_support import write_world
 
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=80 * 2**20))
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=80 * 2**20,
+                                                      include_dashboard=False))  # the view reads the GCS
     try:
         gpu_roomy = c.add_node(num_cpus=4, num_gpus=1, object_store_memory=80 * 2**20)
         gpu_tight = c.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * 2**20)

@@ -310,7 +310,9 @@ def test_spot_notice_drains_the_real_ray_node_and_new_tasks_avoid_it(imds, tmp_p
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # like cluster.yaml's head
+    # Like cluster.yaml's head, less the dashboard: nothing here needs it, and another test's Ray may
+    # hold port 8265 (a head that loses that race has no dashboard, and the State API then fails).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         victim = cluster.add_node(num_cpus=3, resources={"victim": 1})
         other = cluster.add_node(num_cpus=2)
@@ -363,15 +365,20 @@ def test_spot_notice_drains_the_real_ray_node_and_new_tasks_avoid_it(imds, tmp_p
 
         # Once its work is gone the node leaves, and Ray records why: preemption, our message.
         ray.kill(busy)
-        from ray.util.state import list_nodes
+        from ray.core.generated.common_pb2 import NodeDeathInfo
+        from ray.dashboard.utils import compose_state_message
 
         for _ in range(100):
-            state = {n.node_id: n for n in list_nodes(detail=True)}[victim.node_id]
-            if state.state == "DEAD":
+            node = {nid.hex(): i for nid, i in gcs.get_all_node_info().items()}[victim.node_id]
+            if node.state == node.DEAD:
                 break
             time.sleep(0.2)
-        assert state.state == "DEAD", state
-        assert state.state_message.startswith("Terminated due to preemption: EC2 spot interruption notice")
+        assert node.state == node.DEAD, node
+        # Read from the GCS, composed as `ray list nodes --detail` shows it (that needs a dashboard,
+        # and a second dashboard on this machine can lose the race for port 8265).
+        shown = compose_state_message(NodeDeathInfo.Reason.Name(node.death_info.reason),
+                                      node.death_info.reason_message)
+        assert shown.startswith("Terminated due to preemption: EC2 spot interruption notice"), shown
         with pytest.raises(LookupError, match="2 alive Ray nodes share") as ambiguous:  # the dead one is out
             gcs_view.resolve()
         assert victim.node_id not in str(ambiguous.value)
